@@ -21,7 +21,8 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.sharding import batch_sharding, make_mesh, shard_state
 from medusa_jax.train_config import TrainConfig
-from medusa_jax.training import (backbone_hidden, make_optimizer, make_train_step, summarize)
+from medusa_jax.training import (backbone_hidden, make_optimizer, make_train_step, position_targets,
+                                 summarize)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, pad_id: int):
@@ -45,6 +46,22 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   epoch, i = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
   return order[np.arange(i * batch_size, (i + 1) * batch_size) % n]
+
+
+def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
+                    batch_size: int) -> dict:
+  """Medusa-1 with a frozen backbone: its hidden states never change, so they are computed once.
+  Returns NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for the `n` positions
+  that some head has a target at (prompt and padding positions are dropped)."""
+  fwd = jax.jit(lambda s, t, m: position_targets(backbone_hidden(nnx.merge(base_graphdef, s), t), t, m,
+                                                 num_heads))
+  parts = []
+  for i in range(0, len(tokens), batch_size):
+    p = jax.device_get(fwd(base_state, jnp.asarray(tokens[i: i + batch_size]),
+                           jnp.asarray(mask[i: i + batch_size])))
+    keep = p["valid"].any(-1)
+    parts.append({k: v[keep] for k, v in p.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _checkpoint_manager(cfg: TrainConfig):
@@ -83,14 +100,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   optimizer = make_optimizer(cfg)
   opt_state = optimizer.init(params)
   step_fn, eval_fn = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg)
-  rows = batch_sharding(mesh, 2)
 
-  hidden_cache = None
-  if cfg.cache_hidden:  # Medusa-1: the backbone is frozen, so its hidden states never change
-    fwd = jax.jit(lambda s, t: backbone_hidden(nnx.merge(base_graphdef, s), t))
-    hidden_cache = np.concatenate([
-        np.asarray(fwd(base_state, jnp.asarray(tokens[i: i + cfg.batch_size])))
-        for i in range(0, len(tokens), cfg.batch_size)])
+  data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
+  per_step = cfg.batch_size
+  if cfg.cache_hidden:  # steps draw `batch_size * seq_len` labelled positions, not padded rows
+    data, ev_data = (cache_positions(base_graphdef, base_state, d["tokens"], d["mask"], cfg.num_heads,
+                                     cfg.batch_size) for d in (data, ev_data))
+    per_step = cfg.batch_size * cfg.seq_len
+
+  def device_batch(d: dict, idx: np.ndarray) -> dict:
+    return {k: jax.device_put(jnp.asarray(v[idx]), batch_sharding(mesh, v.ndim)) for k, v in d.items()}
 
   manager = _checkpoint_manager(cfg)
   start = 0
@@ -107,11 +126,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not progress)
   try:
     for step in range(start, cfg.max_steps):
-      idx = batch_indices(len(tokens), cfg.batch_size, step, cfg.seed)
-      batch = [jax.device_put(jnp.asarray(a[idx]), rows) for a in (tokens, mask)]
-      hidden = None if hidden_cache is None else jax.device_put(
-          jnp.asarray(hidden_cache[idx]), batch_sharding(mesh, 3))
-      params, opt_state, metrics = step_fn(params, opt_state, base_state, *batch, hidden)
+      idx = batch_indices(len(next(iter(data.values()))), per_step, step,
+                          cfg.seed)
+      params, opt_state, metrics = step_fn(params, opt_state, base_state, device_batch(data, idx))
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.max_steps:
         last = {"step": done, "split": "train", **summarize(metrics)}
@@ -120,8 +137,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
         bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1'][0]:.2f}")
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
         metrics_file.write(json.dumps({"step": done, "split": "eval",
-                                       **_evaluate(cfg, eval_fn, params, base_state, base_graphdef,
-                                                   ev_tokens, ev_mask, rows)}) + "\n")
+                                       **_evaluate(cfg, eval_fn, params, base_state, ev_data,
+                                                   per_step, device_batch)}) + "\n")
         metrics_file.flush()
       if done % cfg.save_every == 0 or done == cfg.max_steps:
         manager.save(done, args=ocp.args.Composite(
@@ -136,16 +153,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   return last
 
 
-def _evaluate(cfg, eval_fn, params, base_state, base_graphdef, tokens, mask, rows) -> dict:
-  """Summed metrics over up to `eval_batches` held-out batches (in order)."""
+def _evaluate(cfg, eval_fn, params, base_state, data: dict, per_step: int, device_batch) -> dict:
+  """Summed metrics over up to `eval_batches` held-out batches (in order); mean loss."""
+  n = len(next(iter(data.values())))
+  starts = range(0, min(n, cfg.eval_batches * per_step), per_step)
   total = None
-  for i in range(0, min(len(tokens), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-    idx = np.arange(i, i + cfg.batch_size) % len(tokens)
-    m = eval_fn(params, base_state, jax.device_put(jnp.asarray(tokens[idx]), rows),
-                jax.device_put(jnp.asarray(mask[idx]), rows))
+  for i in starts:
+    m = eval_fn(params, base_state, device_batch(data, np.arange(i, i + per_step) % n))
     total = m if total is None else jax.tree.map(lambda a, b: a + b, total, m)
   out = summarize(total)
-  out["loss"] = out["loss"] / max(1, -(-min(len(tokens), cfg.eval_batches * cfg.batch_size) // cfg.batch_size))
+  out["loss"] = out["loss"] / len(starts)
   return out
 
 

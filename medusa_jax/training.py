@@ -31,14 +31,15 @@ class HeadMetrics:
   count: jax.Array   # `[num_heads]` counted positions
 
 
-def head_targets(tokens: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """For head k at position t: target `tokens[t + k + 2]`, valid where that target is an assistant
-  token. `[batch, seq]` -> (`[batch, seq]` targets, `[batch, seq]` bool)."""
-  shift = k + 2
-  pad = jnp.zeros((tokens.shape[0], shift), tokens.dtype)
-  targets = jnp.concatenate([tokens[:, shift:], pad], axis=1)
-  valid = jnp.concatenate([mask[:, shift:], jnp.zeros((mask.shape[0], shift), bool)], axis=1)
-  return targets, valid
+def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
+  """Head k at position t predicts `tokens[t + k + 2]`, valid where that target is an assistant
+  token. tokens/mask `[batch, seq]` -> (targets, valid), each `[batch, seq, num_heads]`."""
+  targets, valid = [], []
+  for k in range(num_heads):
+    shift = k + 2
+    targets.append(jnp.pad(tokens[:, shift:], ((0, 0), (0, shift))))
+    valid.append(jnp.pad(mask[:, shift:], ((0, 0), (0, shift))))
+  return jnp.stack(targets, -1), jnp.stack(valid, -1)
 
 
 def _chunked_ce(project, feats: jax.Array, targets: jax.Array, valid: jax.Array, chunk: int):
@@ -70,18 +71,17 @@ def _chunked_ce(project, feats: jax.Array, targets: jax.Array, valid: jax.Array,
   return ce, top1, top5
 
 
-def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, tokens: jax.Array,
-               mask: jax.Array, decay: float, chunk: int) -> HeadMetrics:
-  """hidden `[batch, seq, embed]` (frozen backbone), tokens/mask `[batch, seq]` -> metrics."""
-  feats = heads.hidden(jax.lax.stop_gradient(hidden))  # [K, b, s, e]
+def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
+               valid: jax.Array, decay: float, chunk: int) -> HeadMetrics:
+  """Positions' frozen-backbone hidden states `[n, embed]`, each head's target and validity
+  `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order."""
+  feats = heads.hidden(jax.lax.stop_gradient(hidden))  # [K, n, e]
   ces, top1s, top5s, counts = [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for k in range(heads.config.num_heads):
-    targets, valid = head_targets(tokens, mask, k)
-    ce, top1, top5 = _chunked_ce(
-        functools.partial(heads.project, k, base=base), feats[k].reshape(-1, feats.shape[-1]),
-        targets.reshape(-1), valid.reshape(-1), chunk)
-    count = jnp.sum(valid).astype(jnp.float32)
+    ce, top1, top5 = _chunked_ce(functools.partial(heads.project, k, base=base), feats[k],
+                                 targets[:, k], valid[:, k], chunk)
+    count = jnp.sum(valid[:, k]).astype(jnp.float32)
     loss = loss + (decay ** k) * ce / jnp.maximum(count, 1.0)
     ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
   return HeadMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts))
@@ -104,28 +104,42 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig):
-  """A jitted step `(params, opt_state, base_state, tokens, mask, hidden|None) -> (params,
-  opt_state, metrics)`; `params` is the heads' pure parameter dict."""
+  """Jitted `step(params, opt_state, base_state, batch) -> (params, opt_state, metrics)` and
+  `evaluate(params, base_state, batch) -> metrics`; `params` is the heads' pure parameter dict.
 
-  def loss_fn(params, base_state, tokens, mask, hidden):
+  `batch` holds packed sequences (`tokens`, `mask` `[b, seq]`: the backbone runs in the step) or
+  cached positions (`hidden` `[n, embed]`, `targets`, `valid` `[n, num_heads]`, from
+  `position_targets`)."""
+
+  def loss_fn(params, base_state, batch):
     heads = nnx.merge(heads_graphdef, params)
     base = nnx.merge(base_graphdef, base_state)
-    if hidden is None:
-      hidden = backbone_hidden(base, tokens)
-    metrics = heads_loss(heads, base, hidden, tokens, mask, cfg.decay, cfg.vocab_chunk)
+    if "hidden" not in batch:
+      batch = position_targets(backbone_hidden(base, batch["tokens"]), batch["tokens"], batch["mask"],
+                               cfg.num_heads)
+    metrics = heads_loss(heads, base, batch["hidden"], batch["targets"], batch["valid"], cfg.decay,
+                         cfg.vocab_chunk)
     return metrics.loss, metrics
 
   @jax.jit
-  def step(params, opt_state, base_state, tokens, mask, hidden=None):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, base_state, tokens, mask, hidden)
+  def step(params, opt_state, base_state, batch):
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, base_state, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
   @jax.jit
-  def evaluate(params, base_state, tokens, mask, hidden=None):
-    return loss_fn(params, base_state, tokens, mask, hidden)[1]
+  def evaluate(params, base_state, batch):
+    return loss_fn(params, base_state, batch)[1]
 
   return step, evaluate
+
+
+def position_targets(hidden, tokens, mask, num_heads: int) -> dict:
+  """Sequences -> positions: hidden `[b, seq, embed]`, tokens/mask `[b, seq]` -> {"hidden" `[b*seq,
+  embed]`, "targets", "valid" `[b*seq, num_heads]`}."""
+  targets, valid = head_targets(tokens, mask, num_heads)
+  return {"hidden": hidden.reshape(-1, hidden.shape[-1]),
+          "targets": targets.reshape(-1, num_heads), "valid": valid.reshape(-1, num_heads)}
 
 
 def summarize(metrics: HeadMetrics) -> dict:

@@ -19,7 +19,7 @@ from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.loading import random_model
 from medusa_jax.train_config import load_config
-from medusa_jax.trainer import train
+from medusa_jax.trainer import cache_positions, train
 from medusa_jax.training import head_targets, make_optimizer, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +45,11 @@ def test_loss_falls_on_tiny(tmp_path):
 def test_head_targets_shift_by_k_plus_2():
   tokens = jnp.arange(10)[None]
   mask = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], bool)
-  targets, valid = head_targets(tokens, mask, 1)  # head 1 predicts t + 3
-  assert targets[0, :7].tolist() == [3, 4, 5, 6, 7, 8, 9]
-  assert valid[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+  targets, valid = head_targets(tokens, mask, 2)
+  assert targets[0, :8, 0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9]  # head 0 predicts t + 2
+  assert valid[0, :, 0].tolist() == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+  assert targets[0, :7, 1].tolist() == [3, 4, 5, 6, 7, 8, 9]     # head 1 predicts t + 3
+  assert valid[0, :, 1].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
 
 
 def test_medusa1_step_leaves_backbone_unchanged_and_moves_heads(tmp_path):
@@ -61,12 +63,47 @@ def test_medusa1_step_leaves_backbone_unchanged_and_moves_heads(tmp_path):
   params = nnx.to_pure_dict(hs)
   step, _ = make_train_step(hg, bg, opt, cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (4, 32)))
-  new, state, _ = step(params, opt.init(params), bs, tokens, jnp.ones((4, 32), bool))
-  new, _, _ = step(new, state, bs, tokens, jnp.ones((4, 32), bool))  # warm-up starts at lr 0
+  batch = {"tokens": tokens, "mask": jnp.ones((4, 32), bool)}
+  new, state, _ = step(params, opt.init(params), bs, batch)
+  new, _, _ = step(new, state, bs, batch)  # warm-up starts at lr 0
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(bs))
   jax.tree.map(np.testing.assert_array_equal, before, after)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, new)
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_cached_positions_give_the_sequence_loss(tmp_path):
+  """Dropping prompt and padding positions (cache_hidden) leaves the loss and its gradient as they are."""
+  cfg = _config(tmp_path, "num_heads=3")
+  base = random_model(preset("tiny"), seed=0)
+  heads = MedusaHeads.for_model(base, HeadsConfig(3, 1, False), seed=1)
+  for blocks in heads.blocks:  # non-zero ResBlocks so every head differs
+    blocks[0].linear.kernel[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(2), blocks[0].linear.kernel.shape)
+  hg, hs = nnx.split(heads)
+  bg, bs = nnx.split(base)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 500, (4, 32)).astype(np.int32)
+  mask = np.zeros((4, 32), bool)
+  mask[:, 10:20] = True
+  mask[2, 25:30] = True
+  cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
+  assert len(cached["hidden"]) == 4 * 12 + 7 and cached["valid"].any(-1).all()
+  opt = make_optimizer(cfg)
+  params = nnx.to_pure_dict(hs)
+  _, evaluate = make_train_step(hg, bg, opt, cfg)
+  seq = evaluate(params, bs, {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)})
+  pos = evaluate(params, bs, jax.tree.map(jnp.asarray, cached))
+  np.testing.assert_allclose(pos.loss, seq.loss, rtol=1e-5)
+  np.testing.assert_array_equal(pos.count, seq.count)
+  np.testing.assert_array_equal(pos.top1, seq.top1)
+
+
+def test_cache_hidden_training_loss_falls(tmp_path):
+  train(_config(tmp_path, "cache_hidden=true", "batch_size=2", "max_steps=30", "log_every=5",
+                "eval_every=10"), progress=False)
+  losses = [r["loss"] for r in _metrics(tmp_path)]
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert _metrics(tmp_path, "eval")
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
