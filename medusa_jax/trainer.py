@@ -55,10 +55,15 @@ def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndar
   that some head has a target at (prompt and padding positions are dropped)."""
   fwd = jax.jit(lambda s, t, m: position_targets(backbone_hidden(nnx.merge(base_graphdef, s), t), t, m,
                                                  num_heads))
+  # Causality: positions past a row's last assistant token change nothing before it, so rows
+  # (sorted by that length) run trimmed to a multiple of 64 columns, not padded to seq_len.
+  ends = np.asarray([int(np.nonzero(m)[0].max()) + 1 if m.any() else 0 for m in mask])
+  order = np.argsort(ends, kind="stable")
   parts = []
-  for i in range(0, len(tokens), batch_size):
-    p = jax.device_get(fwd(base_state, jnp.asarray(tokens[i: i + batch_size]),
-                           jnp.asarray(mask[i: i + batch_size])))
+  for i in range(0, len(order), batch_size):
+    rows = order[i: i + batch_size]
+    width = min(tokens.shape[1], -(-int(ends[rows].max()) // 64) * 64)
+    p = jax.device_get(fwd(base_state, jnp.asarray(tokens[rows, :width]), jnp.asarray(mask[rows, :width])))
     keep = p["valid"].any(-1)
     parts.append({k: v[keep] for k, v in p.items()})
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -82,8 +82,8 @@ def test_cached_positions_give_the_sequence_loss(tmp_path):
   hg, hs = nnx.split(heads)
   bg, bs = nnx.split(base)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(3, 500, (4, 32)).astype(np.int32)
-  mask = np.zeros((4, 32), bool)
+  tokens = rng.integers(3, 500, (4, 160)).astype(np.int32)  # rows run trimmed to 64 columns
+  mask = np.zeros((4, 160), bool)
   mask[:, 10:20] = True
   mask[2, 25:30] = True
   cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
