@@ -5,6 +5,11 @@
 Multi-turn prompts (MT-bench `turns`): each next turn follows the model's own previous answer.
 Prints a table per category and overall: mean accepted tokens (tokens per Medusa step), tokens/s
 of each mode, speedup, and the fraction of outputs identical to the baseline.
+
+`--heads-accuracy` first measures each head's top-k accuracy against the base model's greedy
+answers to the prompts; with `--tree-nodes N` the benchmark then runs a tree of N nodes grown from
+those accuracies, and `--save-tree FILE` keeps it (a heads directory's `tree.json` is its default).
+`--accuracy-only` stops after the measurement.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.errors import MedusaError  # noqa: E402
 
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
         "identical_fraction")
@@ -52,7 +58,18 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--plot", default=None, help="PNG: tokens per step and speedup per category")
+  p.add_argument("--heads-accuracy", action="store_true",
+                 help="measure per-head top-k accuracy against the base model's greedy answers")
+  p.add_argument("--topk", type=int, default=10, help="ranks measured by --heads-accuracy")
+  p.add_argument("--tree-nodes", type=int, default=None,
+                 help="with --heads-accuracy: benchmark a tree of this many nodes built from them")
+  p.add_argument("--save-tree", default=None, help="with --tree-nodes: write that tree (JSON) here")
+  p.add_argument("--accuracy-only", action="store_true", help="stop after --heads-accuracy")
   args = p.parse_args(argv)
+  if (args.tree_nodes or args.accuracy_only) and not args.heads_accuracy:
+    raise MedusaError("--tree-nodes and --accuracy-only need --heads-accuracy")
+  if args.save_tree and not args.tree_nodes:
+    raise MedusaError("--save-tree needs --tree-nodes")
   quiet_logs()
   from tqdm import tqdm
 
@@ -63,6 +80,11 @@ def main(argv=None):
   tree = json.loads(args.tree) if args.tree and args.tree.lstrip().startswith("[") else args.tree
   engine = medusa_jax.load(args.model, heads=args.heads, tree=tree, dtype=args.dtype)
   engine.resolve_mode("medusa")  # a clear error when no heads are loaded
+  accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
+  if args.accuracy_only:
+    if args.out:
+      _write_json(args.out, {"heads_accuracy": accuracy})
+    return
   settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
   warm = engine.encode(convs[0].user_turns[0])
   for mode in ("baseline", "medusa"):  # warm-up: compile both programs before timing
@@ -99,18 +121,49 @@ def main(argv=None):
   result = {"overall": summarize(rows),
             "categories": {c: summarize([r for r in rows if r["category"] == c]) for c in categories},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-            "tree_size": engine.tree.size, "prompts": rows}
+            "tree_size": engine.tree.size, "tree": [list(p) for p in engine.tree.paths],
+            "prompts": rows}
+  if accuracy:
+    result["heads_accuracy"] = accuracy
   header = f"{'category':<24}" + "".join(f"{k:>28}" for k in KEYS)
   print(header)
   for name, s in [*result["categories"].items(), ("overall", result["overall"])]:
     print(f"{name:<24}" + "".join(f"{s[k]:>28.3f}" for k in KEYS))
   if args.out:
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    _write_json(args.out, result)
   if args.plot:
     _plot(result, args.plot)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _heads_accuracy(engine, convs, args) -> dict:
+  """Measures per-head accuracy on the prompts' first turns, prints it, and (with --tree-nodes)
+  switches the engine to a tree built from it."""
+  from medusa_jax.head_accuracy import head_accuracy
+  from medusa_jax.tree import tree_from_accuracies
+
+  prompts = [engine.encode(c.user_turns[0]) for c in convs]
+  acc, positions = head_accuracy(engine, prompts, max_new_tokens=args.max_new_tokens, topk=args.topk)
+  top1, top5 = acc[:, 0], acc[:, :5].sum(axis=1)
+  print(f"head accuracy over {positions} positions (head k guesses the token k + 2 ahead)")
+  for k in range(len(acc)):
+    print(f"  head {k}: top-1 {top1[k]:.3f}  top-5 {top5[k]:.3f}")
+  out = {"positions": positions, "top1": top1.round(4).tolist(), "top5": top5.round(4).tolist(),
+         "per_rank": acc.round(5).tolist()}
+  if args.tree_nodes:
+    paths = tree_from_accuracies(acc, args.tree_nodes)
+    engine.set_tree(paths)
+    print(f"tree of {len(paths)} nodes from these accuracies: {[list(p) for p in paths]}")
+    if args.save_tree:
+      _write_json(args.save_tree, {"paths": [list(p) for p in paths], "heads_accuracy": out,
+                                   "prompts": args.prompts, "max_new_tokens": args.max_new_tokens})
+  return out
 
 
 def _plot(result: dict, path: str) -> None:

@@ -72,8 +72,7 @@ def default_tree(heads_path: str | None, num_heads: int = 4):
 
   tree_file = os.path.join(heads_path, "tree.json") if heads_path else ""
   if tree_file and os.path.isfile(tree_file):
-    with open(tree_file) as f:
-      return [tuple(p) for p in json.load(f)["paths"]]
+    return tree_file
   return [p for p in MC_SIM_7B_63 if len(p) <= num_heads]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import json
 from typing import Sequence
 
 import numpy as np
@@ -159,9 +160,16 @@ def tree_from_accuracies(accuracies: np.ndarray, num_nodes: int) -> tuple[Path, 
 
 def get_tree(spec: str | Sequence[Sequence[int]] | Tree, *, num_heads: int | None = None,
              vocab_size: int | None = None) -> Tree:
-  """A tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain1`..`chain5`), from a list of paths, or as given."""
+  """A tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain1`..`chain5`), a JSON file
+  (`{"paths": [...]}`, as `infer/benchmark.py --save-tree` writes), a list of paths, or as given."""
   if isinstance(spec, Tree):
     return Tree(spec.paths, num_heads=num_heads, vocab_size=vocab_size)
+  if isinstance(spec, str) and spec.endswith(".json"):
+    try:
+      with open(spec) as f:
+        spec = json.load(f)["paths"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise MedusaError(f"cannot read a tree from {spec}: {e}") from None
   if isinstance(spec, str):
     if spec not in TREES:
       raise MedusaError(f"unknown tree {spec!r}; known trees: {', '.join(sorted(TREES))}")

@@ -11,6 +11,7 @@ from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig
 from medusa_jax.heads_io import save_heads
 from medusa_jax.loading import random_model
+from medusa_jax.tree import get_tree
 from test_medusa import random_heads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,3 +40,25 @@ def test_benchmark_cli(tmp_path):
   assert r["overall"]["identical_fraction"] == 1.0  # greedy Medusa is lossless
   assert len(r["prompts"]) == 4 and (tmp_path / "p.png").stat().st_size > 0
   assert "overall" in proc.stdout
+
+
+def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
+  base = random_model(preset("tiny"), seed=0)
+  save_heads(random_heads(base, HeadsConfig(3, 1, True)), str(tmp_path / "heads"),
+             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n')
+  out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
+                         str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
+                         "--max-new-tokens", "16", "--heads-accuracy", "--topk", "4",
+                         "--tree-nodes", "6", "--save-tree", str(tree_file), "--out", str(out)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  r = json.loads(out.read_text())
+  acc = r["heads_accuracy"]
+  assert len(acc["per_rank"]) == 3 and len(acc["per_rank"][0]) == 4 and acc["positions"] == 15
+  saved = json.loads(tree_file.read_text())
+  assert saved["paths"] == r["tree"] and len(r["tree"]) == 6 and r["tree_size"] == 7
+  assert r["overall"]["identical_fraction"] == 1.0
+  assert get_tree(str(tree_file), num_heads=3).paths == tuple(tuple(p) for p in saved["paths"])

@@ -1,0 +1,27 @@
+"""Per-head, per-rank accuracy against the base model's greedy answers, on hand-built heads whose
+ranks are known exactly."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.engine import Engine
+from medusa_jax.head_accuracy import head_accuracy
+from medusa_jax.tokenizer import ByteTokenizer
+from test_medusa import _oracle_heads, _permutation_model
+
+
+def test_oracle_and_off_by_one_heads():
+  """Heads 0 and 2 map x to sigma^(k+2)(x) (always right: rank 0); head 1 maps x to sigma^2(x)
+  instead of sigma^3(x): the right token scores 0 under exactly one token scoring 1, so rank 1."""
+  model, sigma = _permutation_model()
+  heads = _oracle_heads(model, sigma, 3)
+  heads.lm_heads[1].kernel[...] = heads.lm_heads[0].kernel[...]
+  engine = Engine(model, ByteTokenizer(), heads=heads, tree="chain3", max_cache_len=256)
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)  # answers run to max_new_tokens
+  prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 11, 4]]
+  acc, positions = head_accuracy(engine, prompts, max_new_tokens=20, topk=4)
+  # head 0 at positions len(prompt) - 1 ... while t + 2 stays inside prompt + 20 answer tokens
+  assert positions == 2 * 19
+  np.testing.assert_array_equal(acc, [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
