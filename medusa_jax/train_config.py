@@ -44,7 +44,8 @@ class TrainConfig:
   save_every: int = 50
   keep_checkpoints: int = 2
   log_every: int = 10
-  cache_hidden: bool = False         # Medusa-1: compute the frozen backbone's hidden states once
+  cache_hidden: bool = False         # Medusa-1: frozen backbone's hidden states computed once; a step
+                                     # then draws batch_size * seq_len labelled positions
   seed: int = 0
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
