@@ -27,7 +27,7 @@ def test_logits_match_transformers(smollm2, smollm2_torch):
 
 def test_greedy_64_tokens_identical_to_transformers(smollm2, smollm2_torch):
   ids = [smollm2.encode(p) for p in CHAT_PROMPTS]
-  tokens, counts, _, _ = smollm2.generate_ids(ids, max_new_tokens=64)
+  tokens, counts, _, _ = smollm2.generate_ids(ids, max_new_tokens=64, mode="baseline")
   for prompt, row, n in zip(ids, tokens, counts):
     with torch.no_grad():
       ref = smollm2_torch.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
@@ -52,6 +52,20 @@ def test_medusa_greedy_identical_on_real_model(smollm2):
     med, med_n, _, _ = engine.generate_ids(batch, max_new_tokens=48, mode="medusa")
     np.testing.assert_array_equal(med_n, base_n)
     np.testing.assert_array_equal(med, base)
+
+
+def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
+  """The default heads and tree of the embedded model: greedy Medusa equals greedy baseline (batch
+  of 4) and the heads do accept tokens (a trained head, not the identity it starts as)."""
+  from medusa_jax.loading import default_heads
+
+  assert default_heads("smollm2-135m-instruct") and smollm2.resolve_mode("auto") == "medusa"
+  prompts = [smollm2.encode(p) for p in CHAT_PROMPTS + ["What is 12 times 7? Answer step by step."]]
+  base, base_n, _, _ = smollm2.generate_ids(prompts, max_new_tokens=64, mode="baseline")
+  med, med_n, steps, _ = smollm2.generate_ids(prompts, max_new_tokens=64, mode="medusa")
+  np.testing.assert_array_equal(med_n, base_n)
+  np.testing.assert_array_equal(med, base)
+  assert med_n.sum() / steps.sum() > 1.3, (med_n, steps)
 
 
 def test_gguf_tokenizer_matches_transformers():
