@@ -12,15 +12,13 @@ directory renamed at the end) and never replace an existing output without `forc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.atomic import atomic_dir
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.heads_io import WEIGHTS, heads_to_tensors, load_heads
@@ -28,23 +26,6 @@ from medusa_jax.hf_weights import llama_to_hf
 from medusa_jax.llama import Llama
 
 FORMATS = ("medusa", "vllm", "hf-llama")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str, force: bool):
-  """Yields a temporary directory that becomes `path` only if the block succeeds."""
-  if os.path.exists(path) and not force:
-    raise MedusaError(f"{path} exists; pass --force to overwrite")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-  try:
-    yield tmp
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _base_lm_head(model: Llama) -> np.ndarray:
@@ -70,7 +51,7 @@ def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_
   if fmt != "hf-llama" and heads is None:
     raise MedusaError(f"format {fmt} needs heads (--heads)")
   c = model.config
-  with atomic_dir(out, force) as tmp:
+  with atomic_dir(out, force=force) as tmp:
     if fmt == "medusa":
       save_file(medusa_tensors(heads, model), os.path.join(tmp, WEIGHTS))
       config = {"base_model_name_or_path": base_name, "medusa_num_heads": heads.config.num_heads,

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.atomic import atomic_dir
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.llama import Llama
@@ -42,27 +41,16 @@ def save_heads(heads: MedusaHeads, path: str, *, base_model: str, hidden_size: i
   """Writes `heads` as a Medusa directory (lm_head tensors only when the heads have their own)."""
   from safetensors.numpy import save_file
 
-  if os.path.exists(path) and not force:
-    raise MedusaError(f"{path} exists; pass force to overwrite")
   c = heads.config
   config = {
       "base_model_name_or_path": base_model, "medusa_num_heads": c.num_heads,
       "medusa_num_layers": c.num_layers, "hidden_size": hidden_size, "vocab_size": vocab_size,
       "share_lm_head": c.share_lm_head,
   }
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-heads-")
-  try:
+  with atomic_dir(path, force=force) as tmp:
     save_file(heads_to_tensors(heads, include_lm_heads=True), os.path.join(tmp, WEIGHTS))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def load_heads(path: str, model: Llama) -> MedusaHeads:

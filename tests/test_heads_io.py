@@ -35,6 +35,10 @@ def test_save_load_roundtrip_is_exact(tmp_path, model, config):
     np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(MedusaError, match="exists"):
     save_heads(heads, str(out), base_model="tiny", hidden_size=64, vocab_size=512)
+  umask = os.umask(0)
+  os.umask(umask)  # the usual permissions, not mkdtemp's private 0700
+  assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+  assert ((out / "config.json").stat().st_mode & 0o777) == 0o666 & ~umask
 
 
 def test_mismatched_hidden_size(tmp_path, model):

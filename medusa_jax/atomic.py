@@ -1,0 +1,41 @@
+"""Atomic directory writes: a temporary sibling directory renamed over the target at the end, so
+an interrupted or failed write never leaves a half-written output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from medusa_jax.errors import MedusaError
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, *, force: bool):
+  """Yields a temporary directory that becomes `path` only if the block succeeds; an existing
+  `path` is replaced only with `force`. The result gets the usual permissions (umask), not the
+  private ones of `tempfile.mkdtemp`."""
+  if os.path.exists(path) and not force:
+    raise MedusaError(f"{path} exists; pass --force to overwrite")
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  try:
+    yield tmp
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+      os.chmod(root, 0o777 & ~mask)
+      for name in files:
+        os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
