@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medusa_jax.atomic import write_text  # noqa: E402
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
 from medusa_jax.errors import MedusaError  # noqa: E402
 
@@ -66,6 +67,8 @@ def main(argv=None):
   p.add_argument("--save-tree", default=None, help="with --tree-nodes: write that tree (JSON) here")
   p.add_argument("--accuracy-only", action="store_true", help="stop after --heads-accuracy")
   args = p.parse_args(argv)
+  if args.topk < 1 or (args.tree_nodes is not None and args.tree_nodes < 1):
+    raise MedusaError("--topk and --tree-nodes must be at least 1")
   if (args.tree_nodes or args.accuracy_only) and not args.heads_accuracy:
     raise MedusaError("--tree-nodes and --accuracy-only need --heads-accuracy")
   if args.save_tree and not args.tree_nodes:
@@ -83,7 +86,7 @@ def main(argv=None):
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:
-      _write_json(args.out, {"heads_accuracy": accuracy})
+      write_text(args.out, json.dumps({"heads_accuracy": accuracy}, indent=2))
     return
   settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
   warm = engine.encode(convs[0].user_turns[0])
@@ -130,16 +133,9 @@ def main(argv=None):
   for name, s in [*result["categories"].items(), ("overall", result["overall"])]:
     print(f"{name:<24}" + "".join(f"{s[k]:>28.3f}" for k in KEYS))
   if args.out:
-    _write_json(args.out, result)
+    write_text(args.out, json.dumps(result, indent=2))
   if args.plot:
     _plot(result, args.plot)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _heads_accuracy(engine, convs, args) -> dict:
@@ -161,8 +157,9 @@ def _heads_accuracy(engine, convs, args) -> dict:
     engine.set_tree(paths)
     print(f"tree of {len(paths)} nodes from these accuracies: {[list(p) for p in paths]}")
     if args.save_tree:
-      _write_json(args.save_tree, {"paths": [list(p) for p in paths], "heads_accuracy": out,
-                                   "prompts": args.prompts, "max_new_tokens": args.max_new_tokens})
+      write_text(args.save_tree, json.dumps({"paths": [list(p) for p in paths], "heads_accuracy": out,
+                                             "prompts": args.prompts,
+                                             "max_new_tokens": args.max_new_tokens}, indent=1))
   return out
 
 

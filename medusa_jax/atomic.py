@@ -39,3 +39,12 @@ def atomic_dir(path: str, *, force: bool):
     os.rename(tmp, path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `path` through a temporary sibling renamed over it: readers see the old or the new
+  file, never part of one."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medusa_jax.engine import Engine, pad_prompts
+from medusa_jax.engine import Engine, bucket, pad_prompts
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "topk"))
@@ -51,7 +51,7 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
   for prompt in prompts:
     answer, count, _, _ = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
     seq = list(prompt) + [int(x) for x in answer[0, : int(count[0])]]
-    tokens, _ = pad_prompts([seq], -(-len(seq) // 64) * 64, engine.pad_id)
+    tokens, _ = pad_prompts([seq], bucket(len(seq)), engine.pad_id)  # one compile per bucket
     h, n = _rank_counts(engine.state, engine.heads_state, jnp.asarray(tokens),
                         jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
                         graphdef=engine.graphdef, heads_graphdef=engine.heads_graphdef, topk=topk)

@@ -62,3 +62,11 @@ def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
   assert saved["paths"] == r["tree"] and len(r["tree"]) == 6 and r["tree_size"] == 7
   assert r["overall"]["identical_fraction"] == 1.0
   assert get_tree(str(tree_file), num_heads=3).paths == tuple(tuple(p) for p in saved["paths"])
+
+
+def test_benchmark_bad_flags_one_line(tmp_path):
+  for flags, message in [(["--tree-nodes", "3"], "--tree-nodes and --accuracy-only need --heads-accuracy"),
+                         (["--heads-accuracy", "--topk", "0"], "--topk and --tree-nodes must be at least 1")]:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
+                           str(tmp_path / "p.jsonl"), *flags], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"], proc.stderr

@@ -17,14 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medusa_jax.atomic import write_text  # noqa: E402
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=0)
-  os.replace(tmp, path)
 
 
 def interleave(groups):
@@ -65,10 +59,9 @@ def main(argv=None):
   todo = interleave(groups)
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(f"{args.out}.heldout.jsonl.tmp", "w", encoding="utf-8") as f:
-    for c in heldout:
-      f.write(json.dumps({"category": c.category, "turns": c.user_turns[:1]}, ensure_ascii=False) + "\n")
-  os.replace(f"{args.out}.heldout.jsonl.tmp", f"{args.out}.heldout.jsonl")
+  write_text(f"{args.out}.heldout.jsonl", "".join(
+      json.dumps({"category": c.category, "turns": c.user_turns[:1]}, ensure_ascii=False) + "\n"
+      for c in heldout))
 
   done = []
   if os.path.exists(args.out):
@@ -89,7 +82,7 @@ def main(argv=None):
       answer = engine.tokenizer.decode([int(t) for t in row[: int(n)]], skip_special_tokens=True)
       done.append({"id": key, "category": c.category,
                    "messages": msgs + [{"role": "assistant", "content": answer.strip()}]})
-    _write_json(args.out, done)
+    write_text(args.out, json.dumps(done, ensure_ascii=False, indent=0))
     bar.update(len(chunk))
   bar.close()
   print(f"{len(done)} answered conversations in {args.out}; held-out prompts in {args.out}.heldout.jsonl")
