@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
                                      cfg.batch_size) for d in (data, ev_data))
     per_step = cfg.batch_size * cfg.seq_len
 
+  num_rows = len(next(iter(data.values())))  # sequences, or positions with cache_hidden
+
   def device_batch(d: dict, idx: np.ndarray) -> dict:
     return {k: jax.device_put(jnp.asarray(v[idx]), batch_sharding(mesh, v.ndim)) for k, v in d.items()}
 
@@ -131,8 +133,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not progress)
   try:
     for step in range(start, cfg.max_steps):
-      idx = batch_indices(len(next(iter(data.values()))), per_step, step,
-                          cfg.seed)
+      idx = batch_indices(num_rows, per_step, step, cfg.seed)
       params, opt_state, metrics = step_fn(params, opt_state, base_state, device_batch(data, idx))
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.max_steps:
