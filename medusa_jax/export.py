@@ -85,11 +85,11 @@ def read_heads(path: str, model: Llama) -> MedusaHeads:
   cfg_file = os.path.join(path, "config.json")
   if os.path.isfile(os.path.join(path, "train_config.json")):
     from medusa_jax.train_config import load_config
-    from medusa_jax.trainer import trained_heads
+    from medusa_jax.trainer import trained_model
 
     with open(os.path.join(path, "train_config.json")) as f:
       overrides = [f"{k}={json.dumps(v)}" for k, v in _flatten(json.load(f)).items()]
-    return trained_heads(load_config(None, overrides + [f"output_dir={path}"]), model)
+    return trained_model(load_config(None, overrides + [f"output_dir={path}"]), model)[1]
   if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "model.safetensors")):
     with open(cfg_file) as f:
       cfg = json.load(f)

@@ -87,6 +87,19 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
   return jax.device_put(state, state_shardings(state, mesh))
 
 
+def committed_shardings(tree: Any, mesh: Mesh) -> Any:
+  """Each leaf's NamedSharding on `mesh`, replicated for leaves that have none yet (e.g. optimizer
+  step counters), so a jitted step can return its state exactly as it received it."""
+
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return sharding
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Sharding of a `[batch, ...]` input: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

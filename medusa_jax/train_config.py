@@ -44,6 +44,11 @@ class TrainConfig:
   save_every: int = 50
   keep_checkpoints: int = 2
   log_every: int = 10
+  method: str = "medusa1"            # medusa1: frozen backbone; medusa2: backbone trains jointly
+  heads_weight: float = 0.2          # Medusa-2: loss = L_LM + heads_weight * heads loss
+  lm_loss: str = "kl"                # Medusa-2 L_LM: kl (to the frozen original; self-distilled
+                                     # data) or ce (next-token cross-entropy)
+  backbone_learning_rate: float = 2e-5  # Medusa-2: peak learning rate of the backbone
   cache_hidden: bool = False         # Medusa-1: frozen backbone's hidden states computed once; a step
                                      # then draws batch_size * seq_len labelled positions
   seed: int = 0
@@ -103,4 +108,14 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
       raise MedusaError(f"override {item!r} is not key=value")
     k, v = item.split("=", 1)
     _apply(config, k.strip(), _parse_value(v), k.strip())
+  _check_choices(config)
   return config
+
+
+def _check_choices(config: TrainConfig) -> None:
+  for key, choices in (("method", ("medusa1", "medusa2")), ("lm_loss", ("kl", "ce"))):
+    if getattr(config, key) not in choices:
+      raise MedusaError(f"config key {key!r} must be one of {', '.join(choices)}, "
+                        f"got {getattr(config, key)!r}")
+  if config.cache_hidden and config.method != "medusa1":
+    raise MedusaError("cache_hidden needs method medusa1 (a frozen backbone)")

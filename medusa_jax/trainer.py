@@ -19,7 +19,8 @@ from flax import nnx
 from medusa_jax.data import load_conversations, pack_examples, split, tokenize_with_labels
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
-from medusa_jax.sharding import batch_sharding, make_mesh, shard_state
+from medusa_jax.llama import Llama
+from medusa_jax.sharding import batch_sharding, committed_shardings, make_mesh, shard_state
 from medusa_jax.train_config import TrainConfig
 from medusa_jax.training import (backbone_hidden, make_optimizer, make_train_step, position_targets,
                                  summarize)
@@ -78,8 +79,16 @@ def _checkpoint_manager(cfg: TrainConfig):
                                options=options)
 
 
+def _trained_params(cfg: TrainConfig, heads_state, base_state) -> dict:
+  """The parameters the optimizer updates: `{"heads"}`, plus `"backbone"` with Medusa-2."""
+  params = {"heads": nnx.to_pure_dict(heads_state)}
+  if cfg.method == "medusa2":
+    params["backbone"] = nnx.to_pure_dict(base_state)
+  return params
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None) -> dict:
-  """Trains Medusa-1 heads on a frozen backbone. Returns the last logged metrics.
+  """Trains Medusa heads (and, with Medusa-2, the backbone). Returns the last logged metrics.
 
   `stop_at` ends the run after that step, as an interruption would (the schedule still follows
   `max_steps`); a later call resumes from the last checkpoint."""
@@ -101,10 +110,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   base_graphdef, base_state = nnx.split(base)
   base_state = shard_state(base_state, mesh)
   heads_state = shard_state(heads_state, mesh)
-  params = nnx.to_pure_dict(heads_state)
+  params = _trained_params(cfg, heads_state, base_state)
   optimizer = make_optimizer(cfg)
   opt_state = optimizer.init(params)
-  step_fn, eval_fn = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg)
+  shardings = committed_shardings((params, opt_state), mesh)
+  # Own copies: the step donates them, and some alias the frozen backbone or each other.
+  params, opt_state = jax.device_put((params, opt_state), shardings, may_alias=False)
+  step_fn, eval_fn = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg, shardings)
 
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size
@@ -124,7 +136,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
     start = manager.latest_step()
     restored = manager.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state})))
-    params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
+    params, opt_state = jax.device_put((restored["state"]["params"], restored["state"]["opt_state"]),
+                                       shardings)
   os.makedirs(cfg.output_dir, exist_ok=True)
   with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -172,8 +185,9 @@ def _evaluate(cfg, eval_fn, params, base_state, data: dict, per_step: int, devic
   return out
 
 
-def trained_heads(cfg: TrainConfig, base) -> MedusaHeads:
-  """The heads of the latest checkpoint under `cfg.output_dir`, for `base`."""
+def trained_model(cfg: TrainConfig, base: Llama) -> tuple[Llama, MedusaHeads]:
+  """(backbone, heads) of the latest checkpoint under `cfg.output_dir`; the backbone is `base`
+  itself unless the run was Medusa-2 (then `base` with the trained weights)."""
   import orbax.checkpoint as ocp
 
   manager = _checkpoint_manager(cfg)
@@ -182,8 +196,12 @@ def trained_heads(cfg: TrainConfig, base) -> MedusaHeads:
     raise MedusaError(f"no checkpoint under {cfg.output_dir}/checkpoints")
   heads = MedusaHeads.for_model(base, HeadsConfig(cfg.num_heads, cfg.num_layers, cfg.share_lm_head),
                                 param_dtype=jnp.float32)
-  graphdef, state = nnx.split(heads)
-  optimizer = make_optimizer(cfg)
-  target = {"params": nnx.to_pure_dict(state), "opt_state": optimizer.init(nnx.to_pure_dict(state))}
+  heads_graphdef, heads_state = nnx.split(heads)
+  base_graphdef, base_state = nnx.split(base)
+  params = _trained_params(cfg, heads_state, base_state)
+  target = {"params": params, "opt_state": make_optimizer(cfg).init(params)}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return nnx.merge(graphdef, restored["state"]["params"])
+  params = restored["state"]["params"]
+  if "backbone" in params:
+    base = nnx.merge(base_graphdef, params["backbone"])
+  return base, nnx.merge(heads_graphdef, params["heads"])

@@ -1,7 +1,13 @@
-"""Medusa-1 head training: frozen backbone, loss = sum_k decay**k * CE(head_k(h_t), x_{t+k+2}) over
-positions whose target is an assistant token. Sharded by the logical axis rules; orbax checkpoints.
+"""Head training losses and the jitted train step.
 
-Memory: the vocab projection and cross-entropy run over chunks of positions inside a rematerialised
+Medusa-1 (`method: medusa1`): frozen backbone, loss = sum_k decay**k * CE(head_k(h_t), x_{t+k+2})
+over positions whose target is an assistant token.
+Medusa-2 (`method: medusa2`): the backbone trains with the heads, loss = L_LM + heads_weight *
+(the Medusa-1 loss), where L_LM is the KL divergence from the frozen original model's next-token
+distribution (`lm_loss: kl`, for self-distilled data) or the next-token CE (`lm_loss: ce`); the
+backbone has its own learning rate.
+
+Memory: vocab projections and their losses run over chunks of positions inside a rematerialised
 scan, so float32 logits `[batch, seq, vocab]` are never held for all heads (or even one) at once.
 """
 
@@ -23,109 +29,158 @@ from medusa_jax.train_config import TrainConfig
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HeadMetrics:
-  loss: jax.Array    # scalar: the weighted sum of per-head mean CE
+class StepMetrics:
+  loss: jax.Array    # scalar: the training loss (Medusa-1: the weighted sum of per-head mean CE)
   ce: jax.Array      # `[num_heads]` summed cross-entropy over counted positions
   top1: jax.Array    # `[num_heads]` hits
   top5: jax.Array    # `[num_heads]` hits
   count: jax.Array   # `[num_heads]` counted positions
+  lm_sum: jax.Array | None = None    # Medusa-2: summed L_LM over its positions (scalar)
+  lm_count: jax.Array | None = None  # Medusa-2: positions counted in lm_sum
 
 
-def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
-  """Head k at position t predicts `tokens[t + k + 2]`, valid where that target is an assistant
-  token. tokens/mask `[batch, seq]` -> (targets, valid), each `[batch, seq, num_heads]`."""
+def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int,
+                 first_shift: int = 2) -> tuple[jax.Array, jax.Array]:
+  """Head k at position t predicts `tokens[t + k + first_shift]` (2 for Medusa heads, 1 for the
+  base lm_head), valid where that target is an assistant token. tokens/mask `[batch, seq]` ->
+  (targets, valid), each `[batch, seq, num_heads]`."""
   targets, valid = [], []
   for k in range(num_heads):
-    shift = k + 2
+    shift = k + first_shift
     targets.append(jnp.pad(tokens[:, shift:], ((0, 0), (0, shift))))
     valid.append(jnp.pad(mask[:, shift:], ((0, 0), (0, shift))))
   return jnp.stack(targets, -1), jnp.stack(valid, -1)
 
 
-def _chunked_ce(project, feats: jax.Array, targets: jax.Array, valid: jax.Array, chunk: int):
-  """Sums CE, top-1 and top-5 hits of `project(feats)` over positions, `chunk` positions at a time
-  (rematerialised in the backward pass). feats `[n, embed]`, targets/valid `[n]`."""
-  n = feats.shape[0]
+def _chunked_sum(fn, xs: tuple, chunk: int) -> tuple:
+  """Sums the scalars `fn(*xs_chunk)` returns over chunks of `chunk` positions, rematerialising
+  each chunk in the backward pass. Every x in `xs` is `[n, ...]`; padding positions are zeros, so
+  `fn` must weigh positions by a validity argument."""
+  n = xs[0].shape[0]
   chunk = min(chunk, n)
   pad = (-n) % chunk
-  feats = jnp.pad(feats, ((0, pad), (0, 0)))
-  targets = jnp.pad(targets, (0, pad))
-  valid = jnp.pad(valid, (0, pad))
-  shape = (-1, chunk)
+  xs = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, chunk) + x.shape[1:])
+             for x in xs)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, *(x[0] for x in xs)))
 
   @jax.checkpoint
-  def body(carry, xs):
-    f, t, v = xs
-    logits = project(f)  # [chunk, vocab] float32
-    target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    rank = jnp.sum(logits > target_logit[:, None], axis=-1)
-    v = v.astype(jnp.float32)
-    return (carry[0] + jnp.sum(ce * v), carry[1] + jnp.sum((rank < 1) * v),
-            carry[2] + jnp.sum((rank < 5) * v)), None
+  def body(carry, x):
+    return jax.tree.map(jnp.add, carry, fn(*x)), None
 
-  zero = jnp.zeros((), jnp.float32)
-  (ce, top1, top5), _ = jax.lax.scan(
-      body, (zero, zero, zero),
-      (feats.reshape(shape + feats.shape[-1:]), targets.reshape(shape), valid.reshape(shape)))
-  return ce, top1, top5
+  return jax.lax.scan(body, zeros, xs)[0]
+
+
+def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array):
+  """Summed CE, top-1 and top-5 hits over valid positions. logits `[n, vocab]`, targets/valid `[n]`."""
+  target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  rank = jnp.sum(logits > target_logit[:, None], axis=-1)
+  v = valid.astype(jnp.float32)
+  return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
 
 
 def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
-               valid: jax.Array, decay: float, chunk: int) -> HeadMetrics:
-  """Positions' frozen-backbone hidden states `[n, embed]`, each head's target and validity
+               valid: jax.Array, decay: float, chunk: int) -> StepMetrics:
+  """Positions' backbone hidden states `[n, embed]`, each head's target and validity
   `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order."""
-  feats = heads.hidden(jax.lax.stop_gradient(hidden))  # [K, n, e]
+  feats = heads.hidden(hidden)  # [K, n, e]
   ces, top1s, top5s, counts = [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for k in range(heads.config.num_heads):
-    ce, top1, top5 = _chunked_ce(functools.partial(heads.project, k, base=base), feats[k],
-                                 targets[:, k], valid[:, k], chunk)
+    ce, top1, top5 = _chunked_sum(lambda f, t, v, k=k: _ce_sums(heads.project(k, f, base), t, v),
+                                  (feats[k], targets[:, k], valid[:, k]), chunk)
     count = jnp.sum(valid[:, k]).astype(jnp.float32)
     loss = loss + (decay ** k) * ce / jnp.maximum(count, 1.0)
     ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
-  return HeadMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts))
+  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts))
+
+
+def lm_loss(model: Llama, teacher: Llama, hidden: jax.Array, teacher_hidden: jax.Array | None,
+            tokens: jax.Array, mask: jax.Array, kind: str, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Medusa-2's L_LM summed over positions whose next token is an assistant token, and their count.
+
+  hidden/teacher_hidden `[b, seq, embed]` (the trained backbone's and the frozen original's; the
+  latter only for "kl"), tokens/mask `[b, seq]`. `kind` "kl": KL(teacher || model) of the
+  next-token distributions; "ce": CE of the next token."""
+  e = hidden.shape[-1]
+  targets, valid = (x.reshape(-1) for x in head_targets(tokens, mask, 1, first_shift=1))
+  if kind == "ce":
+    total = _chunked_sum(lambda h, t, v: _ce_sums(model.logits(h), t, v)[:1],
+                         (hidden.reshape(-1, e), targets, valid), chunk)[0]
+  else:
+    def kl(h, th, v):
+      logp, logq = jax.nn.log_softmax(teacher.logits(th)), jax.nn.log_softmax(model.logits(h))
+      return (jnp.sum(jnp.sum(jnp.exp(logp) * (logp - logq), -1) * v.astype(jnp.float32)),)
+
+    total = _chunked_sum(kl, (hidden.reshape(-1, e), jax.lax.stop_gradient(teacher_hidden).reshape(-1, e),
+                              valid), chunk)[0]
+  return total, jnp.sum(valid).astype(jnp.float32)
 
 
 def backbone_hidden(base: Llama, tokens: jax.Array) -> jax.Array:
-  """Final-norm hidden states of the frozen backbone for `[batch, seq]` tokens."""
+  """Final-norm hidden states `[batch, seq, embed]` of the backbone for `[batch, seq]` tokens."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden, _ = base.hidden_states(tokens, positions)
-  return jax.lax.stop_gradient(hidden)
+  return base.hidden_states(tokens, positions)[0]
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine over params `{"heads": ..., "backbone": ...}` (the backbone only
+  with Medusa-2, at `backbone_learning_rate`), one global-norm clip, optional accumulation."""
   warmup = max(1, int(cfg.max_steps * cfg.warmup_fraction))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
-                                                max(cfg.max_steps, warmup + 1))
-  opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                    optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+  def adamw(lr):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(cfg.max_steps, warmup + 1))
+    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+  opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(
+      {"heads": adamw(cfg.learning_rate), "backbone": adamw(cfg.backbone_learning_rate)},
+      lambda params: {group: group for group in params}))
   return optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else opt
 
 
-def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig):
+def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
+                    state_shardings=None):
   """Jitted `step(params, opt_state, base_state, batch) -> (params, opt_state, metrics)` and
-  `evaluate(params, base_state, batch) -> metrics`; `params` is the heads' pure parameter dict.
+  `evaluate(params, base_state, batch) -> metrics`. With `state_shardings` (of `(params,
+  opt_state)`) the step returns its state in exactly those shardings (one compilation for the run)
+  and donates the state it was given.
 
-  `batch` holds packed sequences (`tokens`, `mask` `[b, seq]`: the backbone runs in the step) or
-  cached positions (`hidden` `[n, embed]`, `targets`, `valid` `[n, num_heads]`, from
-  `position_targets`)."""
+  `params` holds pure parameter dicts: `{"heads"}` (Medusa-1) or `{"heads", "backbone"}` (Medusa-2);
+  `base_state` is the frozen original backbone. `batch` holds packed sequences (`tokens`, `mask`
+  `[b, seq]`: the backbone runs in the step) or, for Medusa-1, cached positions (`hidden`
+  `[n, embed]`, `targets`, `valid` `[n, num_heads]`, from `position_targets`)."""
 
   def loss_fn(params, base_state, batch):
-    heads = nnx.merge(heads_graphdef, params)
-    base = nnx.merge(base_graphdef, base_state)
-    if "hidden" not in batch:
-      batch = position_targets(backbone_hidden(base, batch["tokens"]), batch["tokens"], batch["mask"],
-                               cfg.num_heads)
-    metrics = heads_loss(heads, base, batch["hidden"], batch["targets"], batch["valid"], cfg.decay,
+    heads = nnx.merge(heads_graphdef, params["heads"])
+    frozen = nnx.merge(base_graphdef, base_state)
+    if "backbone" not in params:  # Medusa-1
+      if "hidden" not in batch:
+        hidden = jax.lax.stop_gradient(backbone_hidden(frozen, batch["tokens"]))
+        batch = position_targets(hidden, batch["tokens"], batch["mask"], cfg.num_heads)
+      metrics = heads_loss(heads, frozen, batch["hidden"], batch["targets"], batch["valid"],
+                           cfg.decay, cfg.vocab_chunk)
+      return metrics.loss, metrics
+    model = nnx.merge(base_graphdef, params["backbone"])
+    tokens, mask = batch["tokens"], batch["mask"]
+    hidden = backbone_hidden(model, tokens)
+    teacher_hidden = backbone_hidden(frozen, tokens) if cfg.lm_loss == "kl" else None
+    pos = position_targets(hidden, tokens, mask, cfg.num_heads)
+    metrics = heads_loss(heads, model, pos["hidden"], pos["targets"], pos["valid"], cfg.decay,
                          cfg.vocab_chunk)
-    return metrics.loss, metrics
+    lm_sum, lm_count = lm_loss(model, frozen, hidden, teacher_hidden, tokens, mask, cfg.lm_loss,
+                               cfg.vocab_chunk)
+    loss = lm_sum / jnp.maximum(lm_count, 1.0) + cfg.heads_weight * metrics.loss
+    return loss, dataclasses.replace(metrics, loss=loss, lm_sum=lm_sum, lm_count=lm_count)
 
-  @jax.jit
   def step(params, opt_state, base_state, batch):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, base_state, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
+
+  if state_shardings is None:
+    step = jax.jit(step)
+  else:
+    step = jax.jit(step, out_shardings=(*state_shardings, None), donate_argnums=(0, 1))
 
   @jax.jit
   def evaluate(params, base_state, batch):
@@ -142,14 +197,18 @@ def position_targets(hidden, tokens, mask, num_heads: int) -> dict:
           "targets": targets.reshape(-1, num_heads), "valid": valid.reshape(-1, num_heads)}
 
 
-def summarize(metrics: HeadMetrics) -> dict:
-  """Per-head mean loss and top-1/top-5 accuracy as plain floats (for metrics.jsonl)."""
+def summarize(metrics: StepMetrics) -> dict:
+  """Per-head mean loss and top-1/top-5 accuracy (and Medusa-2's mean L_LM) as plain floats (for
+  metrics.jsonl)."""
   m = jax.device_get(metrics)
   count = np.maximum(np.asarray(m.count), 1.0)
-  return {
+  out = {
       "loss": float(m.loss),
       "head_loss": (np.asarray(m.ce) / count).round(5).tolist(),
       "top1": (np.asarray(m.top1) / count).round(5).tolist(),
       "top5": (np.asarray(m.top5) / count).round(5).tolist(),
       "tokens": int(np.asarray(m.count)[0]),
   }
+  if m.lm_sum is not None:
+    out["lm_loss"] = round(float(m.lm_sum) / max(float(m.lm_count), 1.0), 6)
+  return out

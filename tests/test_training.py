@@ -1,5 +1,6 @@
-"""Head training: the loss falls, the backbone stays frozen, kill-and-resume equals an uninterrupted
-run, 8 simulated devices give the losses of one, bad input gives one clear line."""
+"""Head training: the loss falls, the backbone stays frozen (Medusa-1) or trains with an L_LM that
+matches full-logit NumPy (Medusa-2), kill-and-resume equals an uninterrupted run, 8 simulated
+devices give the losses of one, bad input gives one clear line."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.loading import random_model
 from medusa_jax.train_config import load_config
-from medusa_jax.trainer import cache_positions, train
-from medusa_jax.training import head_targets, make_optimizer, make_train_step
+from medusa_jax.trainer import cache_positions, train, trained_model
+from medusa_jax.training import head_targets, lm_loss, make_optimizer, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -60,7 +61,7 @@ def test_medusa1_step_leaves_backbone_unchanged_and_moves_heads(tmp_path):
   bg, bs = nnx.split(base)
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(bs))
   opt = make_optimizer(cfg)
-  params = nnx.to_pure_dict(hs)
+  params = {"heads": nnx.to_pure_dict(hs)}
   step, _ = make_train_step(hg, bg, opt, cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (4, 32)))
   batch = {"tokens": tokens, "mask": jnp.ones((4, 32), bool)}
@@ -89,7 +90,7 @@ def test_cached_positions_give_the_sequence_loss(tmp_path):
   cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
   assert len(cached["hidden"]) == 4 * 12 + 7 and cached["valid"].any(-1).all()
   opt = make_optimizer(cfg)
-  params = nnx.to_pure_dict(hs)
+  params = {"heads": nnx.to_pure_dict(hs)}
   _, evaluate = make_train_step(hg, bg, opt, cfg)
   seq = evaluate(params, bs, {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)})
   pos = evaluate(params, bs, jax.tree.map(jnp.asarray, cached))
@@ -106,9 +107,58 @@ def test_cache_hidden_training_loss_falls(tmp_path):
   assert _metrics(tmp_path, "eval")
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_lm_loss_matches_full_logits(kind):
+  """Medusa-2's chunked L_LM equals KL / CE computed in NumPy from both models' full logits, over
+  the positions whose next token is an assistant token."""
+  teacher = random_model(preset("tiny"), seed=0)
+  model = random_model(preset("tiny"), seed=1)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 500, (2, 24)))
+  mask = np.zeros((2, 24), bool)
+  mask[0, 5:12] = mask[1, 15:24] = True
+  positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
+  p_logits, p_hidden, _ = teacher(tokens, positions)
+  q_logits, q_hidden, _ = model(tokens, positions)
+  total, count = lm_loss(model, teacher, q_hidden, p_hidden, tokens, jnp.asarray(mask), kind, chunk=7)
+  logp, logq = _log_softmax(np.asarray(p_logits, np.float64)), _log_softmax(np.asarray(q_logits, np.float64))
+  tok = np.asarray(tokens)
+  expected = []
+  for b in range(2):
+    for t in range(23):
+      if mask[b, t + 1]:
+        expected.append(np.sum(np.exp(logp[b, t]) * (logp[b, t] - logq[b, t])) if kind == "kl"
+                        else -logq[b, t, tok[b, t + 1]])
+  assert int(count) == len(expected) == 7 + 9
+  np.testing.assert_allclose(float(total), np.sum(expected), rtol=1e-4)
+
+
+def test_medusa2_trains_backbone_and_heads(tmp_path):
+  """Joint training: L_LM starts at 0 (the model is the frozen original), the heads' loss falls,
+  the backbone moves, and the checkpoint restores the trained backbone."""
+  cfg = _config(tmp_path, "method=medusa2", "max_steps=30", "log_every=1", "eval_every=10",
+                "backbone_learning_rate=1e-3", "heads_weight=1.0")
+  train(cfg, progress=False)
+  rows = _metrics(tmp_path)
+  assert rows[0]["lm_loss"] == pytest.approx(0.0, abs=1e-6)
+  assert rows[-1]["lm_loss"] > 0 and "lm_loss" in _metrics(tmp_path, "eval")[-1]
+  assert rows[-1]["head_loss"][0] < 0.6 * rows[0]["head_loss"][0], (rows[0], rows[-1])
+  original = random_model(preset("tiny"), seed=cfg.seed)
+  trained, _ = trained_model(cfg, random_model(preset("tiny"), seed=cfg.seed))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), nnx.to_pure_dict(nnx.state(trained)),
+                       nnx.to_pure_dict(nnx.state(original)))
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("method", ["medusa1", "medusa2"])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
-  common = ["log_every=2", "save_every=6", "eval_every=0", "max_steps=12"]
+  common = ["log_every=2", "save_every=6", "eval_every=0", "max_steps=12", f"method={method}"]
   train(_config(full, *common), progress=False)
   train(_config(part, *common), progress=False, stop_at=6)  # "killed" after the step-6 checkpoint
   train(_config(part, *common), progress=False)                      # resumed
@@ -119,8 +169,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     np.testing.assert_allclose(b[s]["top1"], a[s]["top1"], atol=1e-6)
 
 
-def test_eight_simulated_devices_match_one(tmp_path):
-  """mesh data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the one-device losses."""
+@pytest.mark.parametrize("method", ["medusa1", "medusa2"])
+def test_eight_simulated_devices_match_one(tmp_path, method):
+  """mesh data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the one-device losses (Medusa-2:
+  the backbone and its optimizer state are sharded too)."""
   script = (
       "import sys; sys.path.insert(0, %r)\n"
       "from medusa_jax.train_config import load_config\n"
@@ -128,7 +180,8 @@ def test_eight_simulated_devices_match_one(tmp_path):
       "import jax; assert len(jax.devices()) == 8\n"
       "train(load_config(%r, sys.argv[1:]), progress=False)\n" % (ROOT, TINY))
   data = os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")
-  common = [f"data={data}", "max_steps=8", "log_every=2", "eval_every=0", "save_every=100"]
+  common = [f"data={data}", "max_steps=8", "log_every=2", "eval_every=0", "save_every=100",
+            f"method={method}"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   subprocess.run([sys.executable, "-c", script, f"output_dir={tmp_path / 'mesh'}", *common,
                   "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], check=True, env=env, timeout=600)
@@ -146,6 +199,9 @@ def test_eight_simulated_devices_match_one(tmp_path):
     (["mesh.data=2"], "but 1 are available"),
     (["mesh.data=3"], "must divide by mesh.data x mesh.fsdp"),
     (["data=/no/such/file.json"], "data file not found"),
+    (["method=medusa3"], "'method' must be one of medusa1, medusa2"),
+    (["method=medusa2", "lm_loss=mse"], "'lm_loss' must be one of kl, ce"),
+    (["method=medusa2", "cache_hidden=true"], "cache_hidden needs method medusa1"),
 ])
 def test_bad_config(tmp_path, overrides, message):
   with pytest.raises(MedusaError, match=message):
@@ -165,3 +221,24 @@ def test_cli_bad_key_one_line(tmp_path):
                          "bogus.key=1"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == ["error: unknown config key 'bogus.key'"]
+
+
+def test_cli_medusa2_writes_the_trained_backbone_and_heads(tmp_path):
+  """A Medusa-2 run exports `model/` (HF Llama) and `heads/`; reloaded, they equal the checkpoint."""
+  from medusa_jax import loading
+  from medusa_jax.export import read_heads
+
+  out = tmp_path / "run"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_heads.py"), TINY,
+                         f"output_dir={out}", "method=medusa2", "max_steps=3", "eval_every=0",
+                         "backbone_learning_rate=1e-3"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cfg = load_config(TINY, [f"output_dir={out}", "method=medusa2"])
+  trained, heads = trained_model(cfg, random_model(preset("tiny"), seed=cfg.seed))
+  exported = loading.load(str(out / "model")).model
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(exported)),
+               nnx.to_pure_dict(nnx.state(trained)))
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(read_heads(str(out / "heads"), exported))),
+               nnx.to_pure_dict(nnx.state(heads)))
+  original = random_model(preset("tiny"), seed=cfg.seed)
+  assert not np.array_equal(exported.embed.embedding[...], original.embed.embedding[...])
