@@ -51,6 +51,8 @@ class TrainConfig:
   backbone_learning_rate: float = 2e-5  # Medusa-2: peak learning rate of the backbone
   cache_hidden: bool = False         # Medusa-1: frozen backbone's hidden states computed once; a step
                                      # then draws batch_size * seq_len labelled positions
+  hidden_cache_dir: str = ""         # with cache_hidden: keep those hidden states here and reuse them
+                                     # in later runs on the same model and data (e.g. head sweeps)
   seed: int = 0
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 

@@ -8,6 +8,7 @@ exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -70,6 +71,28 @@ def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndar
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.ndarray,
+                      mask: np.ndarray) -> dict:
+  """`cache_positions`, kept in `cfg.hidden_cache_dir` (when set) under a fingerprint of the model
+  spec, compute dtype, head count and token rows, and reused by later runs on the same data."""
+  if not cfg.hidden_cache_dir:
+    return cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size)
+  key = hashlib.sha256()
+  for part in (cfg.model, cfg.compute_dtype, str(cfg.num_heads), str(tokens.shape)):
+    key.update(part.encode() + b"\0")
+  key.update(np.ascontiguousarray(tokens).tobytes() + np.ascontiguousarray(mask).tobytes())
+  path = os.path.join(cfg.hidden_cache_dir, f"positions-{key.hexdigest()[:16]}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as stored:
+      return {k: stored[k] for k in stored.files}
+  positions = cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size)
+  os.makedirs(cfg.hidden_cache_dir, exist_ok=True)
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **positions)
+  os.replace(tmp, path)
+  return positions
+
+
 def _checkpoint_manager(cfg: TrainConfig):
   import orbax.checkpoint as ocp
 
@@ -121,8 +144,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size
   if cfg.cache_hidden:  # steps draw `batch_size * seq_len` labelled positions, not padded rows
-    data, ev_data = (cache_positions(base_graphdef, base_state, d["tokens"], d["mask"], cfg.num_heads,
-                                     cfg.batch_size) for d in (data, ev_data))
+    data, ev_data = (_stored_positions(cfg, base_graphdef, base_state, d["tokens"], d["mask"])
+                     for d in (data, ev_data))
     per_step = cfg.batch_size * cfg.seq_len
 
   num_rows = len(next(iter(data.values())))  # sequences, or positions with cache_hidden

@@ -155,6 +155,25 @@ def test_medusa2_trains_backbone_and_heads(tmp_path):
   assert min(jax.tree.leaves(moved)) > 0
 
 
+def test_hidden_cache_dir_is_reused(tmp_path, monkeypatch):
+  """A second run on the same data reads the stored hidden states (never recomputes them) and
+  trains exactly as the first."""
+  import medusa_jax.trainer as trainer
+
+  common = ["cache_hidden=true", "batch_size=2", "max_steps=4", "log_every=2", "eval_every=4",
+            f"hidden_cache_dir={tmp_path / 'cache'}"]
+  train(_config(tmp_path / "a", *common), progress=False)
+  assert len(os.listdir(tmp_path / "cache")) == 2  # train and eval positions
+
+  def recompute(*args, **kwargs):
+    raise AssertionError("hidden states recomputed")
+
+  monkeypatch.setattr(trainer, "cache_positions", recompute)
+  train(_config(tmp_path / "b", *common), progress=False)
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+  assert _metrics(tmp_path / "b", "eval") == _metrics(tmp_path / "a", "eval")
+
+
 @pytest.mark.parametrize("method", ["medusa1", "medusa2"])
 def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
