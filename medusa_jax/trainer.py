@@ -11,11 +11,13 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from medusa_jax.data import load_conversations, pack_examples, split, tokenize_with_labels
 from medusa_jax.errors import MedusaError
@@ -110,6 +112,49 @@ def _trained_params(cfg: TrainConfig, heads_state, base_state) -> dict:
   return params
 
 
+@dataclasses.dataclass
+class TrainSetup:
+  """A run's model, state and jitted functions, placed on its mesh."""
+  mesh: Mesh
+  loaded: Any                  # loading.LoadedModel: the backbone and its tokenizer
+  base_graphdef: nnx.GraphDef
+  base_state: nnx.State        # the frozen original backbone
+  params: dict                 # {"heads"} or, with Medusa-2, {"heads", "backbone"}
+  opt_state: Any
+  shardings: Any               # of (params, opt_state)
+  step: Callable               # step(params, opt_state, base_state, batch)
+  evaluate: Callable           # evaluate(params, base_state, batch)
+
+
+def setup(cfg: TrainConfig) -> TrainSetup:
+  """Loads the backbone (float32 master weights when it trains, else the compute dtype), makes
+  fresh heads, places everything on the `cfg.mesh` mesh by the logical axis rules, and jits the
+  step."""
+  from medusa_jax import loading
+
+  if cfg.batch_size % (cfg.mesh.data * cfg.mesh.fsdp):
+    raise MedusaError(f"batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp "
+                      f"= {cfg.mesh.data * cfg.mesh.fsdp}")
+  mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  loaded = loading.load(cfg.model, dtype=cfg.compute_dtype, seed=cfg.seed,
+                        param_dtype="float32" if cfg.method == "medusa2" else cfg.compute_dtype)
+  heads = MedusaHeads.for_model(loaded.model, HeadsConfig(cfg.num_heads, cfg.num_layers,
+                                                          cfg.share_lm_head),
+                                seed=cfg.seed, param_dtype=jnp.float32)
+  heads_graphdef, heads_state = nnx.split(heads)
+  base_graphdef, base_state = nnx.split(loaded.model)
+  base_state = shard_state(base_state, mesh)
+  params = _trained_params(cfg, shard_state(heads_state, mesh), base_state)
+  optimizer = make_optimizer(cfg)
+  opt_state = optimizer.init(params)
+  shardings = committed_shardings((params, opt_state), mesh)
+  # Own copies: the step donates them, and some alias the frozen backbone or each other.
+  params, opt_state = jax.device_put((params, opt_state), shardings, may_alias=False)
+  step, evaluate = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg, shardings)
+  return TrainSetup(mesh, loaded, base_graphdef, base_state, params, opt_state, shardings, step,
+                    evaluate)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None) -> dict:
   """Trains Medusa heads (and, with Medusa-2, the backbone). Returns the last logged metrics.
 
@@ -118,28 +163,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
-  from medusa_jax import loading
-
-  if cfg.batch_size % (cfg.mesh.data * cfg.mesh.fsdp):
-    raise MedusaError(f"batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp "
-                      f"= {cfg.mesh.data * cfg.mesh.fsdp}")
-  mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  loaded = loading.load(cfg.model, dtype=cfg.compute_dtype, param_dtype="float32", seed=cfg.seed)
-  base = loaded.model
-  tokens, mask, ev_tokens, ev_mask = prepare_data(cfg, loaded.tokenizer, base.config.pad_token_id)
-  heads = MedusaHeads.for_model(base, HeadsConfig(cfg.num_heads, cfg.num_layers, cfg.share_lm_head),
-                                seed=cfg.seed, param_dtype=jnp.float32)
-  heads_graphdef, heads_state = nnx.split(heads)
-  base_graphdef, base_state = nnx.split(base)
-  base_state = shard_state(base_state, mesh)
-  heads_state = shard_state(heads_state, mesh)
-  params = _trained_params(cfg, heads_state, base_state)
-  optimizer = make_optimizer(cfg)
-  opt_state = optimizer.init(params)
-  shardings = committed_shardings((params, opt_state), mesh)
-  # Own copies: the step donates them, and some alias the frozen backbone or each other.
-  params, opt_state = jax.device_put((params, opt_state), shardings, may_alias=False)
-  step_fn, eval_fn = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg, shardings)
+  run = setup(cfg)
+  mesh, base_graphdef, base_state = run.mesh, run.base_graphdef, run.base_state
+  params, opt_state, shardings, step_fn, eval_fn = (run.params, run.opt_state, run.shardings,
+                                                    run.step, run.evaluate)
+  tokens, mask, ev_tokens, ev_mask = prepare_data(cfg, run.loaded.tokenizer,
+                                                  run.loaded.model.config.pad_token_id)
 
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size
