@@ -49,6 +49,7 @@ class TrainConfig:
   lm_loss: str = "kl"                # Medusa-2 L_LM: kl (to the frozen original; self-distilled
                                      # data) or ce (next-token cross-entropy)
   backbone_learning_rate: float = 2e-5  # Medusa-2: peak learning rate of the backbone
+  init_heads: str = ""               # start from these trained heads (e.g. Medusa-1's, for Medusa-2)
   cache_hidden: bool = False         # Medusa-1: frozen backbone's hidden states computed once; a step
                                      # then draws batch_size * seq_len labelled positions
   hidden_cache_dir: str = ""         # with cache_hidden: keep those hidden states here and reuse them

@@ -126,9 +126,22 @@ class TrainSetup:
   evaluate: Callable           # evaluate(params, base_state, batch)
 
 
+def _load_initial_heads(heads: MedusaHeads, path: str, base: Llama) -> None:
+  """Copies trained heads (any directory `read_heads` reads) into `heads`, whose shape must match."""
+  from medusa_jax.export import read_heads
+
+  start = read_heads(path, base)
+  if start.config != heads.config:
+    c, w = start.config, heads.config
+    raise MedusaError(f"init_heads {path} has {c.num_heads} heads x {c.num_layers} layers "
+                      f"(share_lm_head {c.share_lm_head}) but the config asks for {w.num_heads} x "
+                      f"{w.num_layers} (share_lm_head {w.share_lm_head})")
+  nnx.update(heads, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(start)))
+
+
 def setup(cfg: TrainConfig) -> TrainSetup:
   """Loads the backbone (float32 master weights when it trains, else the compute dtype), makes
-  fresh heads, places everything on the `cfg.mesh` mesh by the logical axis rules, and jits the
+  fresh heads (or starts from `init_heads`), places everything on the `cfg.mesh` mesh by the logical axis rules, and jits the
   step."""
   from medusa_jax import loading
 
@@ -141,6 +154,8 @@ def setup(cfg: TrainConfig) -> TrainSetup:
   heads = MedusaHeads.for_model(loaded.model, HeadsConfig(cfg.num_heads, cfg.num_layers,
                                                           cfg.share_lm_head),
                                 seed=cfg.seed, param_dtype=jnp.float32)
+  if cfg.init_heads:
+    _load_initial_heads(heads, cfg.init_heads, loaded.model)
   heads_graphdef, heads_state = nnx.split(heads)
   base_graphdef, base_state = nnx.split(loaded.model)
   base_state = shard_state(base_state, mesh)

@@ -242,6 +242,25 @@ def test_cli_bad_key_one_line(tmp_path):
   assert proc.stderr.strip().splitlines() == ["error: unknown config key 'bogus.key'"]
 
 
+def test_medusa2_starts_from_medusa1_heads(tmp_path):
+  """init_heads: the two-stage recipe (Medusa-1 heads, then joint training) starts Medusa-2 from
+  exactly the saved heads; a directory of another shape is refused."""
+  from medusa_jax.export import read_heads
+  from medusa_jax.heads_io import save_heads
+  from medusa_jax.trainer import setup
+
+  base = random_model(preset("tiny"), seed=0)
+  saved = MedusaHeads.for_model(base, HeadsConfig(3, 1, False), seed=5)
+  for blocks in saved.blocks:
+    blocks[0].linear.kernel[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(3), blocks[0].linear.kernel.shape)
+  save_heads(saved, str(tmp_path / "heads"), base_model="random:tiny", hidden_size=64, vocab_size=512)
+  run = setup(_config(tmp_path / "run", "method=medusa2", f"init_heads={tmp_path / 'heads'}"))
+  expected = nnx.to_pure_dict(nnx.state(read_heads(str(tmp_path / "heads"), base)))
+  jax.tree.map(np.testing.assert_array_equal, run.params["heads"], expected)
+  with pytest.raises(MedusaError, match="has 3 heads x 1 layers .* asks for 2 x 1"):
+    setup(_config(tmp_path / "run", "num_heads=2", f"init_heads={tmp_path / 'heads'}"))
+
+
 def test_cli_medusa2_writes_the_trained_backbone_and_heads(tmp_path):
   """A Medusa-2 run exports `model/` (HF Llama) and `heads/`; reloaded, they equal the checkpoint."""
   from medusa_jax import loading
