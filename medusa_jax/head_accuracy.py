@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from medusa_jax.engine import Engine, bucket, pad_prompts
+from medusa_jax.training import head_targets
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "topk"))
@@ -27,14 +28,13 @@ def _rank_counts(state, heads_state, tokens: jax.Array, first: jax.Array, end: j
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   hidden, _ = model.hidden_states(tokens, positions)
   feats = heads.hidden(hidden)  # [K, b, L, e]
+  targets, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), heads.config.num_heads)
   hits, counts = [], []
   t = jnp.arange(tokens.shape[1])[None, :]
   for k in range(heads.config.num_heads):
-    shift = k + 2
-    target = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift)))
-    valid = (t >= first[:, None]) & (t + shift < end[:, None])
+    valid = (t >= first[:, None]) & (t + k + 2 < end[:, None])
     logits = heads.project(k, feats[k], model)  # [b, L, vocab]
-    target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., k, None], axis=-1)
     rank = jnp.sum(logits > target_logit, axis=-1)  # [b, L]
     hits.append(jnp.sum((rank[..., None] == jnp.arange(topk)) & valid[..., None], axis=(0, 1)))
     counts.append(jnp.sum(valid))
