@@ -1,5 +1,5 @@
 """train/distill.py end to end on random:tiny: answers every training prompt once, writes the held-out
-split, and a rerun resumes (answers nothing twice)."""
+split, a rerun resumes (answers nothing twice), excluded and over-long prompts are never answered."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _run(out, *extra):
          "--max-new-tokens", "6", "--batch-size", "4", "--eval-fraction", "0.2", *extra]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
-  return json.loads(out.read_text())
+  return json.loads(out.read_text()) if out.exists() else proc.stdout
 
 
 def test_distill_writes_answers_and_resumes(tmp_path):
@@ -29,3 +29,15 @@ def test_distill_writes_answers_and_resumes(tmp_path):
   again = _run(out, "--max-prompts", "5")
   assert again[:3] == first and len(again) == 5 and len({d["id"] for d in again}) == 5
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_distill_never_answers_excluded_prompts(tmp_path):
+  first = _run(tmp_path / "all.json", "--max-prompts", "3")
+  skipped = first[1]["messages"][0]["content"]
+  exclude = tmp_path / "tune.jsonl"
+  exclude.write_text(json.dumps({"category": "x", "turns": [skipped]}) + "\n")
+  kept = _run(tmp_path / "kept.json", "--max-prompts", "3", "--exclude", str(exclude))
+  assert [d["id"] for d in kept] == [first[0]["id"], first[2]["id"]]
+  assert skipped not in {d["messages"][0]["content"] for d in kept}
+  printed = _run(tmp_path / "none.json", "--max-prompts", "3", "--max-prompt-tokens", "2")
+  assert "skipped 3 prompts longer than --max-prompt-tokens 2" in printed

@@ -3,9 +3,10 @@
     python train/distill.py --prompts ../shared/data/prompts/gsm8k_train.json --out runs/distill.json
 
 Writes chat JSON (`[{"messages": [...], "category": ...}]`) atomically after every batch and
-resumes: prompts already answered in `--out` are skipped. A held-out split of the prompts
-(`--eval-fraction`) is never answered; it is written to `<out>.heldout.jsonl` (MT-bench format)
-for benchmarks.
+resumes: prompts already answered in `--out` are skipped. Prompts in the `--exclude` files (tuning
+or benchmark prompts) and a held-out split of the prompts (`--eval-fraction`) are never answered;
+the split is written to `<out>.heldout.jsonl` (MT-bench format) for benchmarks. Batches are formed
+from prompts of similar lengths; prompts over `--max-prompt-tokens` are skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ def interleave(groups):
   return out
 
 
+def _prompt(conv):
+  """The messages the model answers: up to and including the first user turn (any system prompt kept)."""
+  first_user = next(i for i, m in enumerate(conv.messages) if m["role"] == "user")
+  return conv.messages[: first_user + 1]
+
+
+def _encode(engine, todo, max_tokens):
+  """[(key, conv)] -> ([(key, conv, prompt ids)] of prompts up to `max_tokens`, how many were longer)."""
+  out = [(key, c, engine.encode(_prompt(c))) for key, c in todo]
+  kept = [x for x in out if len(x[2]) <= max_tokens]
+  return kept, len(out) - len(kept)
+
+
+def _by_length(todo, batch_size, window_batches=16):
+  """Sorts each window of `window_batches` batches by prompt length: batches of similar lengths pad
+  to smaller shape buckets, while a partial run still covers the sources in round-robin order."""
+  w = batch_size * window_batches
+  return [x for s in range(0, len(todo), w) for x in sorted(todo[s: s + w], key=lambda x: len(x[2]))]
+
+
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +63,10 @@ def main(argv=None):
   p.add_argument("--eval-fraction", type=float, default=0.05)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--max-prompt-tokens", type=int, default=512,
+                 help="skip longer prompts (a training sequence of seq_len tokens would cut their answer)")
+  p.add_argument("--exclude", nargs="*", default=[],
+                 help="prompt files whose prompts are never answered (e.g. tuning or benchmark prompts)")
   args = p.parse_args(argv)
   quiet_logs()
   from tqdm import tqdm
@@ -49,12 +74,14 @@ def main(argv=None):
   import medusa_jax
   from medusa_jax.data import load_conversations, split
 
+  excluded = {c.user_turns[0] for path in args.exclude for c in load_conversations(path) if c.user_turns}
   groups, heldout = [], []
   for path in args.prompts:
     convs = load_conversations(path)
     train, held = split(convs, args.eval_fraction, args.seed)
     train = train[: args.max_prompts] if args.max_prompts else train
-    groups.append([(f"{os.path.basename(path)}:{i}", c) for i, c in enumerate(train)])
+    groups.append([(f"{os.path.basename(path)}:{i}", c) for i, c in enumerate(train)
+                   if c.user_turns[:1] and c.user_turns[0] not in excluded])
     heldout.extend(held)
   todo = interleave(groups)
 
@@ -68,20 +95,23 @@ def main(argv=None):
     with open(args.out, encoding="utf-8") as f:
       done = json.load(f)
   finished = {d["id"] for d in done}
-  todo = [(key, c) for key, c in todo if key not in finished]
   engine = medusa_jax.load(args.model, heads=None, dtype=args.dtype)
+  todo, too_long = _encode(engine, [(key, c) for key, c in todo if key not in finished],
+                           args.max_prompt_tokens)
+  if too_long:
+    print(f"skipped {too_long} prompts longer than --max-prompt-tokens {args.max_prompt_tokens}")
+  todo = _by_length(todo, args.batch_size)
   bar = tqdm(total=len(todo) + len(finished), initial=len(finished), desc="distill", unit="prompt")
   for start in range(0, len(todo), args.batch_size):
     chunk = todo[start: start + args.batch_size]
-    prompts = [[m for m in c.messages if m["role"] != "assistant"][:1] for _, c in chunk]
-    ids = [engine.encode(msgs) for msgs in prompts]
+    ids = [x for _, _, x in chunk]
     ids += [ids[-1]] * (args.batch_size - len(ids))  # one shape: pad the last batch
     tokens, counts, _, _ = engine.generate_ids(ids, max_new_tokens=args.max_new_tokens,
                                                seed=args.seed + start)
-    for (key, c), msgs, row, n in zip(chunk, prompts, tokens, counts):
+    for (key, c, _), row, n in zip(chunk, tokens, counts):
       answer = engine.tokenizer.decode([int(t) for t in row[: int(n)]], skip_special_tokens=True)
       done.append({"id": key, "category": c.category,
-                   "messages": msgs + [{"role": "assistant", "content": answer.strip()}]})
+                   "messages": _prompt(c) + [{"role": "assistant", "content": answer.strip()}]})
     write_text(args.out, json.dumps(done, ensure_ascii=False, indent=0))
     bar.update(len(chunk))
   bar.close()
