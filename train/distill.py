@@ -95,6 +95,8 @@ def main(argv=None):
     with open(args.out, encoding="utf-8") as f:
       done = json.load(f)
   finished = {d["id"] for d in done}
+  if not os.path.exists(args.out):
+    write_text(args.out, "[]")  # the output exists (empty) even when no prompt is left to answer
   engine = medusa_jax.load(args.model, heads=None, dtype=args.dtype)
   todo, too_long = _encode(engine, [(key, c) for key, c in todo if key not in finished],
                            args.max_prompt_tokens)
