@@ -7,8 +7,9 @@ Prints a table per category and overall: mean accepted tokens (tokens per Medusa
 of each mode, speedup, and the fraction of outputs identical to the baseline.
 
 `--heads-accuracy` first measures each head's top-k accuracy against the base model's greedy
-answers to the prompts; with `--tree-nodes N` the benchmark then runs a tree of N nodes grown from
-those accuracies, and `--save-tree FILE` keeps it (a heads directory's `tree.json` is its default).
+answers to the prompts, and how often each tree path is right (which predicts the tokens per step
+of any tree); with `--tree-nodes N` the benchmark then runs the N paths right most often, and
+`--save-tree FILE` keeps that tree (a heads directory's `tree.json` is its default).
 `--accuracy-only` stops after the measurement.
 """
 
@@ -26,22 +27,25 @@ from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
 from medusa_jax.errors import MedusaError  # noqa: E402
 
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
-        "identical_fraction")
+        "identical_fraction", "step_cost_ratio")
 
 
 def summarize(rows: list[dict]) -> dict:
-  """Aggregates per-turn rows: token-weighted rates (total tokens / total seconds)."""
+  """Aggregates per-turn rows: token-weighted rates (total tokens / total seconds), and the time of
+  a Medusa step over that of a baseline step (so speedup = mean accepted tokens / step cost ratio)."""
   tok_b = sum(r["baseline_tokens"] for r in rows)
   tok_m = sum(r["medusa_tokens"] for r in rows)
+  steps_m = sum(r["medusa_steps"] for r in rows)
   sec_b = sum(r["baseline_seconds"] for r in rows)
   sec_m = sum(r["medusa_seconds"] for r in rows)
   base_tps, med_tps = tok_b / max(sec_b, 1e-9), tok_m / max(sec_m, 1e-9)
   return {
-      "mean_accepted_tokens": tok_m / max(sum(r["medusa_steps"] for r in rows), 1),
+      "mean_accepted_tokens": tok_m / max(steps_m, 1),
       "baseline_tokens_per_second": base_tps,
       "medusa_tokens_per_second": med_tps,
       "speedup": med_tps / max(base_tps, 1e-9),
       "identical_fraction": sum(r["identical"] for r in rows) / len(rows),
+      "step_cost_ratio": (sec_m / max(steps_m, 1)) / max(sec_b / max(tok_b, 1), 1e-9),
   }
 
 
@@ -139,23 +143,31 @@ def main(argv=None):
 
 
 def _heads_accuracy(engine, convs, args) -> dict:
-  """Measures per-head accuracy on the prompts' first turns, prints it, and (with --tree-nodes)
-  switches the engine to a tree built from it."""
+  """Measures the heads' accuracy on the prompts' first turns, prints it with the tokens per step
+  the best trees of several sizes would reach, and (with --tree-nodes) switches the engine to the
+  best tree of that size."""
   from medusa_jax.head_accuracy import head_accuracy
-  from medusa_jax.tree import tree_from_accuracies
+  from medusa_jax.tree import tree_from_path_counts
 
   prompts = [engine.encode(c.user_turns[0]) for c in convs]
-  acc, positions = head_accuracy(engine, prompts, max_new_tokens=args.max_new_tokens, topk=args.topk)
-  top1, top5 = acc[:, 0], acc[:, :5].sum(axis=1)
-  print(f"head accuracy over {positions} positions (head k guesses the token k + 2 ahead)")
-  for k in range(len(acc)):
+  acc = head_accuracy(engine, prompts, max_new_tokens=args.max_new_tokens, topk=args.topk)
+  top1, top5 = acc.per_rank[:, 0], acc.per_rank[:, :5].sum(axis=1)
+  print(f"head accuracy over {acc.positions} positions (head k guesses the token k + 2 ahead)")
+  for k in range(len(top1)):
     print(f"  head {k}: top-1 {top1[k]:.3f}  top-5 {top5[k]:.3f}")
-  out = {"positions": positions, "top1": top1.round(4).tolist(), "top5": top5.round(4).tolist(),
-         "per_rank": acc.round(5).tolist()}
+  sizes = sorted({1, 2, 4, 8, 16, 32, 64} | ({args.tree_nodes} if args.tree_nodes else set()))
+  def best_tree(n):
+    return tree_from_path_counts(acc.path_counts, n, num_heads=len(top1), topk=args.topk)
+
+  expected = {n: round(acc.expected_tokens_per_step(best_tree(n)), 4) for n in sizes}
+  print("expected tokens per step of the best tree of N nodes on these positions: "
+        + ", ".join(f"N={n}: {v:.2f}" for n, v in expected.items()))
+  out = {"positions": acc.positions, "top1": top1.round(4).tolist(), "top5": top5.round(4).tolist(),
+         "per_rank": acc.per_rank.round(5).tolist(), "expected_tokens_per_step": expected}
   if args.tree_nodes:
-    paths = tree_from_accuracies(acc, args.tree_nodes)
+    paths = best_tree(args.tree_nodes)
     engine.set_tree(paths)
-    print(f"tree of {len(paths)} nodes from these accuracies: {[list(p) for p in paths]}")
+    print(f"tree of {len(paths)} nodes (the paths right most often): {[list(p) for p in paths]}")
     if args.save_tree:
       write_text(args.save_tree, json.dumps({"paths": [list(p) for p in paths], "heads_accuracy": out,
                                              "prompts": args.prompts,

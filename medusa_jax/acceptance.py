@@ -34,15 +34,16 @@ def typical_threshold(probs: jax.Array, params: TypicalParams) -> jax.Array:
   return jnp.minimum(params.posterior_threshold, params.posterior_alpha * jnp.exp(-entropy))
 
 
-def node_acceptance(tokens: jax.Array, logits: jax.Array, tree: Tree,
+def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: Tree,
                     typical: TypicalParams | None = None) -> tuple[jax.Array, jax.Array]:
-  """tokens `[batch, T]`, logits `[batch, T, vocab]` -> (acceptable `[batch, T]` bool,
-  log-probability of each token under its parent's distribution `[batch, T]`); root entries unused."""
-  parents = jnp.asarray(tree.parents.clip(min=0))
+  """tokens `[batch, T]`, logits at the tree's internal nodes `[batch, I, vocab]` (`tree.internal`:
+  a leaf's logits decide nothing here) -> (acceptable `[batch, T]` bool, log-probability of each
+  token under its parent's distribution `[batch, T]`); root entries unused."""
+  slots = jnp.asarray(tree.parent_slot)
   if typical is None:
-    ok = tokens == jnp.take(jnp.argmax(logits, axis=-1), parents, axis=1)
+    ok = tokens == jnp.take(jnp.argmax(internal_logits, axis=-1), slots, axis=1)
     return ok, jnp.zeros(tokens.shape, jnp.float32)
-  parent_logits = jnp.take(logits, parents, axis=1)  # [b, T, V]
+  parent_logits = jnp.take(internal_logits, slots, axis=1)  # [b, T, V]
   probs = jax.nn.softmax(parent_logits / typical.temperature, axis=-1)
   p = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
   return p > typical_threshold(probs, typical), jnp.log(p + 1e-30)

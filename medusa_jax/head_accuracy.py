@@ -1,11 +1,18 @@
-"""How often each Medusa head guesses the base model's own greedy continuation, by rank.
+"""How often the Medusa heads guess the base model's own greedy continuation: per head and rank,
+and jointly along tree paths.
 
-`accuracies[k, i]` is the fraction of decode positions where head k's rank-i token is the token
-the base model emits k + 2 ahead. This is what `tree.tree_from_accuracies` builds a tree from.
+At a decode position t, head k's guess of rank i is right when it is the token the base model
+emits k + 2 ahead. A tree path `(i0, i1, ...)` is right at t when each head's guess along it is.
+Because the tree's nodes at one depth hold different tokens, at most one node per depth is right,
+so the tokens a tree step accepts are exactly the number of its paths that are right: the expected
+tokens per step of a tree is 1 + the sum of its paths' frequencies (`tree.tree_from_path_counts`
+builds the best tree of a given size from them).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -16,45 +23,67 @@ from flax import nnx
 
 from medusa_jax.engine import Engine, bucket, pad_prompts
 from medusa_jax.training import head_targets
+from medusa_jax.tree import Path
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "topk"))
-def _rank_counts(state, heads_state, tokens: jax.Array, first: jax.Array, end: jax.Array, *,
-                 graphdef, heads_graphdef, topk: int) -> tuple[jax.Array, jax.Array]:
-  """tokens `[batch, L]` (prompt + greedy answer); positions `t` in `[first, end)` per row count.
-  Returns (hits `[num_heads, topk]`: target at rank i, positions `[num_heads]`)."""
+@dataclasses.dataclass
+class HeadAccuracy:
+  per_rank: np.ndarray                 # `[num_heads, topk]`: fraction of positions where rank i of head k is right
+  positions: int                       # decode positions counted (head 0's)
+  path_counts: dict[Path, int]         # positions where every guess along the path is right
+
+  def expected_tokens_per_step(self, paths: Sequence[Sequence[int]]) -> float:
+    """Tokens a step with the tree `paths` would emit on average on these positions (bonus included)."""
+    return 1.0 + sum(self.path_counts.get(tuple(p), 0) for p in paths) / max(self.positions, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef"))
+def _ranks(state, heads_state, tokens: jax.Array, first: jax.Array, end: jax.Array, *,
+           graphdef, heads_graphdef) -> jax.Array:
+  """tokens `[batch, L]` (prompt + greedy answer); decode positions `t` in `[first, end)` per row.
+  Returns the rank of the right token in each head's logits `[num_heads, batch, L]` (0 = its
+  top guess), -1 where the target lies past `end` or `t` is not a decode position."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   hidden, _ = model.hidden_states(tokens, positions)
   feats = heads.hidden(hidden)  # [K, b, L, e]
   targets, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), heads.config.num_heads)
-  hits, counts = [], []
   t = jnp.arange(tokens.shape[1])[None, :]
+  ranks = []
   for k in range(heads.config.num_heads):
     valid = (t >= first[:, None]) & (t + k + 2 < end[:, None])
     logits = heads.project(k, feats[k], model)  # [b, L, vocab]
     target_logit = jnp.take_along_axis(logits, targets[..., k, None], axis=-1)
-    rank = jnp.sum(logits > target_logit, axis=-1)  # [b, L]
-    hits.append(jnp.sum((rank[..., None] == jnp.arange(topk)) & valid[..., None], axis=(0, 1)))
-    counts.append(jnp.sum(valid))
-  return jnp.stack(hits), jnp.stack(counts)
+    ranks.append(jnp.where(valid, jnp.sum(logits > target_logit, axis=-1), -1))
+  return jnp.stack(ranks)
 
 
 def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-                  topk: int = 10) -> tuple[np.ndarray, int]:
-  """Per-head, per-rank accuracy `[num_heads, topk]` of `engine`'s heads against its base model's
-  greedy answers to `prompts` (token lists), one prompt at a time; and the positions counted."""
+                  topk: int = 10) -> HeadAccuracy:
+  """Accuracy of `engine`'s heads against its base model's greedy answers to `prompts` (token
+  lists), one prompt at a time, for ranks below `topk`."""
   engine.resolve_mode("medusa")
-  hits = np.zeros((engine.heads_config.num_heads, topk))
-  total = np.zeros(engine.heads_config.num_heads)
+  num_heads = engine.heads_config.num_heads
+  hits = np.zeros((num_heads, topk))
+  total = np.zeros(num_heads)
+  counts: collections.Counter = collections.Counter()
   for prompt in prompts:
     answer, count, _, _ = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
     seq = list(prompt) + [int(x) for x in answer[0, : int(count[0])]]
     tokens, _ = pad_prompts([seq], bucket(len(seq)), engine.pad_id)  # one compile per bucket
-    h, n = _rank_counts(engine.state, engine.heads_state, jnp.asarray(tokens),
-                        jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
-                        graphdef=engine.graphdef, heads_graphdef=engine.heads_graphdef, topk=topk)
-    hits += np.asarray(h)
-    total += np.asarray(n)
-  return hits / np.maximum(total, 1)[:, None], int(total[0])
+    ranks = np.asarray(_ranks(engine.state, engine.heads_state, jnp.asarray(tokens),
+                              jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
+                              graphdef=engine.graphdef, heads_graphdef=engine.heads_graphdef))[:, 0]
+    for k in range(num_heads):
+      r = ranks[k][ranks[k] >= 0]
+      total[k] += len(r)
+      hits[k] += np.bincount(r[r < topk], minlength=topk)
+    for column in ranks[:, ranks[0] >= 0].T:  # one decode position: the ranks of heads 0, 1, ...
+      path: Path = ()
+      for r in column:
+        if not 0 <= r < topk:
+          break
+        path += (int(r),)
+        counts[path] += 1
+  return HeadAccuracy(hits / np.maximum(total, 1)[:, None], int(total[0]), dict(counts))

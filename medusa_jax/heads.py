@@ -63,10 +63,11 @@ class MedusaHeads(nnx.Module):
         lm.kernel[...] = base.astype(lm.kernel[...].dtype)
     return heads
 
-  def hidden(self, h: jax.Array) -> jax.Array:
-    """`[..., embed]` -> each head's features before its vocab projection `[num_heads, ..., embed]`."""
+  def hidden(self, h: jax.Array, num_heads: int | None = None) -> jax.Array:
+    """`[..., embed]` -> the first `num_heads` (default all) heads' features before their vocab
+    projection `[num_heads, ..., embed]`."""
     outs = []
-    for blocks in self.blocks:
+    for blocks in self.blocks[:num_heads]:
       x = h
       for block in blocks:
         x = block(x)
@@ -78,6 +79,16 @@ class MedusaHeads(nnx.Module):
     if self.lm_heads is None:
       return base.logits(x)
     return self.lm_heads[k](x).astype(jnp.float32)
+
+  def with_base_logits(self, h: jax.Array, base: Llama, num_heads: int) -> tuple[jax.Array, jax.Array]:
+    """The base model's and the first `num_heads` heads' float32 logits at `h` `[..., embed]`:
+    (`[..., vocab]`, `[num_heads, ..., vocab]`). With a shared lm_head all of them come from one
+    vocab matmul over `1 + num_heads` rows (on CPUs a few rows cost little more than one)."""
+    feats = self.hidden(h, num_heads)
+    if self.lm_heads is None:
+      logits = base.logits(jnp.concatenate([h[None], feats]))
+      return logits[0], logits[1:]
+    return base.logits(h), jnp.stack([self.project(k, feats[k], base) for k in range(num_heads)])
 
   def __call__(self, h: jax.Array, base: Llama) -> jax.Array:
     """`[..., embed]` -> float32 logits `[num_heads, ..., vocab]`."""

@@ -28,11 +28,13 @@ def _next_token(logits, key, typical):
           else typical_sample(logits, key, typical))
 
 
-def head_topk(heads: MedusaHeads, model: Llama, hidden: jax.Array, tree: Tree) -> jax.Array:
-  """Top-k token ids of the first `tree.depth` heads at `hidden` `[batch, embed]` -> `[batch, depth, topk]`."""
-  feats = heads.hidden(hidden)
-  tops = [jax.lax.top_k(heads.project(k, feats[k], model), tree.topk)[1] for k in range(tree.depth)]
-  return jnp.stack(tops, axis=1).astype(jnp.int32)
+def root_and_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree, key: jax.Array,
+                 typical: TypicalParams | None) -> tuple[jax.Array, jax.Array]:
+  """At the last accepted position `hidden` `[batch, embed]`: the base model's next token `[batch]`
+  (the next tree's root) and the first `tree.depth` heads' top-k ids `[batch, depth, topk]`."""
+  base_logits, head_logits = heads.with_base_logits(hidden, model, tree.depth)
+  top = jnp.moveaxis(jax.lax.top_k(head_logits, tree.topk)[1], 0, 1)
+  return _next_token(base_logits, key, typical), top.astype(jnp.int32)
 
 
 def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
@@ -44,22 +46,26 @@ def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
 def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, top: jax.Array,
                 tree: Tree, key: jax.Array, typical: TypicalParams | None):
   """One tree step. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with
-  the accepted path committed, next root `[batch]`, next heads' top-k)."""
+  the accepted path committed, next root `[batch]`, next heads' top-k).
+
+  Vocab logits are computed where they decide something: at the tree's internal nodes (for
+  acceptance), then at the last accepted node (bonus token and heads, in one matmul)."""
   tokens = tree_tokens(root, top, tree)
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
-  logits, hidden, cache = model(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
-  ok, logp = node_acceptance(tokens, logits, tree, typical)
+  hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
+  internal_logits = model.logits(jnp.take(hidden, jnp.asarray(tree.internal), axis=1))
+  ok, logp = node_acceptance(tokens, internal_logits, tree, typical)
   best, accepted = choose_path(ok, logp, tree)
   path = jnp.take(jnp.asarray(tree.retrieve), best, axis=0)  # [b, D+1] node ids, root first
   last = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
-  bonus = _next_token(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], key, typical)
+  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  bonus, next_top = root_and_top(model, heads, last_hidden, tree, key, typical)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
   shifted = jnp.concatenate([path_tokens[:, 1:], bonus[:, None]], axis=1)
   j = jnp.arange(tree.depth + 1)[None, :]
   emitted = jnp.where(j < accepted[:, None], shifted, jnp.where(j == accepted[:, None], bonus[:, None], 0))
   cache = cache.commit_path(path, accepted + 1)
-  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  return emitted, accepted + 1, cache, bonus, head_topk(heads, model, last_hidden, tree)
+  return emitted, accepted + 1, cache, bonus, next_top
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
@@ -75,10 +81,9 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, tokens: jax.Array,
   heads = nnx.merge(heads_graphdef, heads_state)
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
-  logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
+  _, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
-  root = _next_token(logits, sub, typical)
-  top = head_topk(heads, model, hidden, tree)
+  root, top = root_and_top(model, heads, hidden, tree, sub, typical)
   zeros = jnp.zeros((batch,), jnp.int32)
   out, count, done = record(output_buffer(batch, max_new_tokens, tree.depth + 1, pad_id), zeros,
                             root[:, None], zeros + 1, zeros.astype(bool), eos_ids, max_new_tokens)

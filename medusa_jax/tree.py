@@ -10,12 +10,14 @@ Buffers (NumPy, static under jit):
   candidate_index  `[T]` int: index into the flat candidates `[root, head0 top-k, head1 top-k, ...]`
   retrieve         `[L, D + 1]` int: for each leaf, the node indices root -> leaf, padded with 0
   retrieve_mask    `[L, D + 1]` bool: which entries of `retrieve` are real (no -1 tricks)
+  internal         `[I]` int: the nodes with children, root first (acceptance reads only their logits)
+  parent_slot      `[T]` int: where each node's parent sits in `internal` (0 for the root)
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
+import itertools
 import json
 from typing import Sequence
 
@@ -100,6 +102,17 @@ class Tree:
     return np.asarray([-1] + [self._index[p[:-1]] for p in self.paths], np.int32)
 
   @functools.cached_property
+  def internal(self) -> np.ndarray:
+    """`[I]` nodes that have children, in node order (the root first)."""
+    return np.unique(self.parents[1:]).astype(np.int32)
+
+  @functools.cached_property
+  def parent_slot(self) -> np.ndarray:
+    """`[T]` index into `internal` of each node's parent (0, the root's slot, for the root)."""
+    slot = {int(n): i for i, n in enumerate(self.internal)}
+    return np.asarray([0] + [slot[int(p)] for p in self.parents[1:]], np.int32)
+
+  @functools.cached_property
   def mask(self) -> np.ndarray:
     m = np.eye(self.size, dtype=bool)
     for i, p in enumerate(self.paths, start=1):
@@ -137,24 +150,21 @@ class Tree:
 TREES = {"mc_sim_7b_63": MC_SIM_7B_63, "vicuna_7b_stage2": VICUNA_7B_STAGE2, **{f"chain{d}": chain(d) for d in range(1, 6)}}
 
 
-def tree_from_accuracies(accuracies: np.ndarray, num_nodes: int) -> tuple[Path, ...]:
-  """Grows a tree greedily from measured accuracies `[num_heads, topk]` (`accuracies[k, i]`: how
-  often the rank-i guess of head k is right). A node's value is the product of the accuracies along
-  its path; each step adds the best frontier node: the next sibling or the first child of a node."""
-  acc = np.asarray(accuracies, np.float64)
-  heads, topk = acc.shape
-  chosen: list[Path] = []
-  frontier = [(-acc[0, 0], (0,))]
-  while frontier and len(chosen) < num_nodes:
-    neg, path = heapq.heappop(frontier)
-    chosen.append(path)
-    value = -neg
-    if path[-1] + 1 < topk:  # next sibling
-      sib = path[:-1] + (path[-1] + 1,)
-      parent_value = value / max(acc[len(path) - 1, path[-1]], 1e-12)
-      heapq.heappush(frontier, (-parent_value * acc[len(path) - 1, path[-1] + 1], sib))
-    if len(path) < heads:  # first child
-      heapq.heappush(frontier, (-value * acc[len(path), 0], path + (0,)))
+def tree_from_path_counts(path_counts: dict[Path, int], num_nodes: int, *, num_heads: int,
+                          topk: int) -> tuple[Path, ...]:
+  """The `num_nodes` paths right most often (`head_accuracy.HeadAccuracy.path_counts`): the tree
+  of that size with the most expected accepted tokens on the measured positions. A path is never
+  right more often than its parent, so the chosen set is a tree (ties: shorter, then lower ranks
+  first). If fewer paths were ever right, the shortest, lowest-rank other paths fill the tree."""
+  ranked = sorted((p for p, c in path_counts.items() if c > 0), key=lambda p: (-path_counts[p], len(p), p))
+  chosen = ranked[:num_nodes]
+  seen = set(chosen)
+  for depth in range(1, num_heads + 1):
+    for p in itertools.product(range(topk), repeat=depth):
+      if len(chosen) >= num_nodes:
+        return tuple(chosen)
+      if p not in seen:
+        chosen.append(p)
   return tuple(chosen)
 
 

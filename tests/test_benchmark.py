@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig
 from medusa_jax.heads_io import save_heads
@@ -38,6 +40,8 @@ def test_benchmark_cli(tmp_path):
     assert set(s) >= {"mean_accepted_tokens", "baseline_tokens_per_second",
                       "medusa_tokens_per_second", "speedup", "identical_fraction"}
   assert r["overall"]["identical_fraction"] == 1.0  # greedy Medusa is lossless
+  o = r["overall"]  # speedup = tokens per step / (Medusa step time / baseline step time)
+  assert o["speedup"] == pytest.approx(o["mean_accepted_tokens"] / o["step_cost_ratio"], rel=1e-9)
   assert len(r["prompts"]) == 4 and (tmp_path / "p.png").stat().st_size > 0
   assert "overall" in proc.stdout
 
@@ -58,6 +62,8 @@ def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
   r = json.loads(out.read_text())
   acc = r["heads_accuracy"]
   assert len(acc["per_rank"]) == 3 and len(acc["per_rank"][0]) == 4 and acc["positions"] == 15
+  expected = [acc["expected_tokens_per_step"][str(n)] for n in (1, 2, 4, 6, 8)]
+  assert expected[0] >= 1 and expected == sorted(expected)  # a bigger best tree never predicts less
   saved = json.loads(tree_file.read_text())
   assert saved["paths"] == r["tree"] and len(r["tree"]) == 6 and r["tree_size"] == 7
   assert r["overall"]["identical_fraction"] == 1.0

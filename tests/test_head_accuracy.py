@@ -1,4 +1,4 @@
-"""Per-head, per-rank accuracy against the base model's greedy answers, on hand-built heads whose
+"""Per-head, per-rank and per-path accuracy against the base model's greedy answers, on hand-built heads whose
 ranks are known exactly."""
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ def test_oracle_and_off_by_one_heads():
   engine = Engine(model, ByteTokenizer(), heads=heads, tree="chain3", max_cache_len=256)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)  # answers run to max_new_tokens
   prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 11, 4]]
-  acc, positions = head_accuracy(engine, prompts, max_new_tokens=20, topk=4)
+  acc = head_accuracy(engine, prompts, max_new_tokens=20, topk=4)
   # head 0 at positions len(prompt) - 1 ... while t + 2 stays inside prompt + 20 answer tokens
-  assert positions == 2 * 19
-  np.testing.assert_array_equal(acc, [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+  assert acc.positions == 2 * 19
+  np.testing.assert_array_equal(acc.per_rank, [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+  # jointly: head 0's top guess, then head 1's second, then head 2's top, each one position
+  # shorter (head k needs t + k + 2 inside the sequence)
+  assert acc.path_counts == {(0,): 38, (0, 1): 36, (0, 1, 0): 34}
+  assert acc.expected_tokens_per_step([(0,), (0, 1)]) == 1 + (38 + 36) / 38
+  assert acc.expected_tokens_per_step([(0,), (1,), (0, 0)]) == 2  # only (0,) is ever right

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 from medusa_jax import MedusaError
-from medusa_jax.tree import MC_SIM_7B_63, Tree, get_tree, tree_from_accuracies
+from medusa_jax.tree import MC_SIM_7B_63, Tree, get_tree, tree_from_path_counts
 
 SMALL = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
@@ -31,6 +33,9 @@ def test_small_tree_buffers_by_hand():
   np.testing.assert_array_equal(t.parents, [-1, 0, 0, 1, 1, 2, 3])
   np.testing.assert_array_equal(t.retrieve, [[0, 1, 4, 0], [0, 2, 5, 0], [0, 1, 3, 6]])
   np.testing.assert_array_equal(t.retrieve_mask, [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+  # nodes 4, 5, 6 are leaves: acceptance needs logits at the root and nodes 1, 2, 3 only
+  np.testing.assert_array_equal(t.internal, [0, 1, 2, 3])
+  np.testing.assert_array_equal(t.parent_slot, [0, 0, 0, 1, 1, 2, 3])
 
 
 def test_default_tree_shape():
@@ -64,11 +69,13 @@ def test_unknown_tree_name():
     get_tree("nope")
 
 
-def test_tree_from_accuracies_grows_best_first():
-  acc = np.array([[0.6, 0.2, 0.1], [0.5, 0.1, 0.05], [0.3, 0.1, 0.0]])
-  # values: (0)=.6 (0,0)=.3 (1)=.2 (0,0,0)=.09 (1,0)=.1 (2)=.1 (0,1)=.06 ...
-  paths = tree_from_accuracies(acc, 5)
-  assert paths[:3] == ((0,), (0, 0), (1,))
-  assert set(paths[3:]) == {(1, 0), (2,)}
-  Tree(paths, num_heads=3)  # always a valid tree
-  assert len(tree_from_accuracies(acc, 12)) == 12
+def test_tree_from_path_counts_keeps_the_most_frequent_paths():
+  counts = {(0,): 50, (1,): 20, (2,): 5, (0, 0): 30, (0, 1): 8, (1, 0): 8, (0, 0, 0): 30, (3,): 0}
+  build = functools.partial(tree_from_path_counts, counts, num_heads=3, topk=4)
+  assert build(3) == ((0,), (0, 0), (0, 0, 0))  # tie: the parent first
+  assert build(6) == ((0,), (0, 0), (0, 0, 0), (1,), (0, 1), (1, 0))
+  # 7 paths were ever right; then the shortest, lowest-rank others: (3,), then depth 2 from (0, 2)
+  assert build(10) == build(7) + ((3,), (0, 2), (0, 3))
+  for n in (1, 6, 10, 30):
+    assert len(Tree(build(n), num_heads=3).paths) == n  # always a valid tree
+  assert len(tree_from_path_counts({}, 5, num_heads=2, topk=3)) == 5
