@@ -8,7 +8,8 @@ of each mode, speedup, and the fraction of outputs identical to the baseline.
 
 `--heads-accuracy` first measures each head's top-k accuracy against the base model's greedy
 answers to the prompts, and how often each tree path is right (which predicts the tokens per step
-of any tree); with `--tree-nodes N` the benchmark then runs the N paths right most often, and
+of any tree); with `--tree-nodes N` the benchmark then runs the N paths right most often (`--tree-nodes auto`:
+the size whose predicted tokens/s is best, with step times measured on this device), and
 `--save-tree FILE` keeps that tree (a heads directory's `tree.json` is its default).
 `--accuracy-only` stops after the measurement.
 """
@@ -66,12 +67,17 @@ def main(argv=None):
   p.add_argument("--heads-accuracy", action="store_true",
                  help="measure per-head top-k accuracy against the base model's greedy answers")
   p.add_argument("--topk", type=int, default=10, help="ranks measured by --heads-accuracy")
-  p.add_argument("--tree-nodes", type=int, default=None,
-                 help="with --heads-accuracy: benchmark a tree of this many nodes built from them")
+  p.add_argument("--tree-nodes", default=None,
+                 help="with --heads-accuracy: benchmark the best tree of this many nodes; 'auto': the "
+                      "size with the most predicted tokens/s here (step times measured on this device)")
   p.add_argument("--save-tree", default=None, help="with --tree-nodes: write that tree (JSON) here")
   p.add_argument("--accuracy-only", action="store_true", help="stop after --heads-accuracy")
   args = p.parse_args(argv)
-  if args.topk < 1 or (args.tree_nodes is not None and args.tree_nodes < 1):
+  if args.tree_nodes not in (None, "auto"):
+    if not args.tree_nodes.isdigit():
+      raise MedusaError(f"--tree-nodes takes a number of nodes or 'auto', got {args.tree_nodes!r}")
+    args.tree_nodes = int(args.tree_nodes)
+  if args.topk < 1 or args.tree_nodes == 0:
     raise MedusaError("--topk and --tree-nodes must be at least 1")
   if (args.tree_nodes or args.accuracy_only) and not args.heads_accuracy:
     raise MedusaError("--tree-nodes and --accuracy-only need --heads-accuracy")
@@ -155,17 +161,21 @@ def _heads_accuracy(engine, convs, args) -> dict:
   print(f"head accuracy over {acc.positions} positions (head k guesses the token k + 2 ahead)")
   for k in range(len(top1)):
     print(f"  head {k}: top-1 {top1[k]:.3f}  top-5 {top5[k]:.3f}")
-  sizes = sorted({1, 2, 4, 8, 16, 32, 64} | ({args.tree_nodes} if args.tree_nodes else set()))
   def best_tree(n):
     return tree_from_path_counts(acc.path_counts, n, num_heads=len(top1), topk=args.topk)
 
+  sizes = sorted({1, 2, 4, 8, 16, 32, 64} | ({args.tree_nodes} if isinstance(args.tree_nodes, int) else set()))
   expected = {n: round(acc.expected_tokens_per_step(best_tree(n)), 4) for n in sizes}
   print("expected tokens per step of the best tree of N nodes on these positions: "
         + ", ".join(f"N={n}: {v:.2f}" for n, v in expected.items()))
   out = {"positions": acc.positions, "top1": top1.round(4).tolist(), "top5": top5.round(4).tolist(),
          "per_rank": acc.per_rank.round(5).tolist(), "expected_tokens_per_step": expected}
-  if args.tree_nodes:
-    paths = best_tree(args.tree_nodes)
+  nodes = args.tree_nodes
+  if nodes == "auto":
+    out["tree_tuning"] = _tune_tree_size(engine, best_tree, expected)
+    nodes = max(out["tree_tuning"], key=lambda n: out["tree_tuning"][n]["predicted_speedup"])
+  if nodes:
+    paths = best_tree(nodes)
     engine.set_tree(paths)
     print(f"tree of {len(paths)} nodes (the paths right most often): {[list(p) for p in paths]}")
     if args.save_tree:
@@ -173,6 +183,22 @@ def _heads_accuracy(engine, convs, args) -> dict:
                                              "prompts": args.prompts,
                                              "max_new_tokens": args.max_new_tokens}, indent=1))
   return out
+
+
+def _tune_tree_size(engine, best_tree, expected: dict) -> dict:
+  """Times a plain step and a step over the best tree of each size on this device; predicted
+  speedup = expected tokens per step / step time ratio."""
+  from medusa_jax.step_timing import step_seconds
+  from medusa_jax.tree import Tree
+
+  plain = step_seconds(engine, None)
+  print(f"plain decode step: {plain * 1e3:.1f} ms")
+  tuning = {}
+  for n, tokens in expected.items():
+    ratio = step_seconds(engine, Tree(best_tree(n))) / plain
+    tuning[n] = {"step_cost_ratio": round(ratio, 4), "predicted_speedup": round(tokens / ratio, 4)}
+    print(f"  N={n}: step {ratio:.2f}x a plain step, predicted speedup {tokens / ratio:.2f}")
+  return tuning
 
 
 def _plot(result: dict, path: str) -> None:

@@ -62,6 +62,14 @@ def output_buffer(batch: int, max_new_tokens: int, extra: int, pad_id: int) -> j
   return jnp.full((batch, max_new_tokens + extra), pad_id, jnp.int32)
 
 
+def decode_step(model: Llama, cache: KVCache, last: jax.Array, key: jax.Array,
+                sampling: SamplingParams) -> tuple[jax.Array, KVCache]:
+  """One plain decode step: `last` `[batch]` tokens in, next tokens `[batch]` out; their K/V
+  written at `cache.lengths` (not committed)."""
+  logits, _, cache = model(last[:, None], cache.lengths[:, None], cache)
+  return sample(logits[:, 0], key, sampling), cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling",
                                              "pad_id", "cache_dtype"))
 def baseline_generate(state: nnx.State, tokens: jax.Array, prompt_lens: jax.Array,
@@ -85,10 +93,9 @@ def baseline_generate(state: nnx.State, tokens: jax.Array, prompt_lens: jax.Arra
 
   def body(carry):
     cache, last, out, count, done, key = carry
-    logits, _, cache = model(last[:, None], cache.lengths[:, None], cache)
-    cache = cache.advance(~done)
     key, sub = jax.random.split(key)
-    nxt = sample(logits[:, 0], sub, sampling)
+    nxt, cache = decode_step(model, cache, last, sub, sampling)
+    cache = cache.advance(~done)
     out, count, done = record(out, count, nxt[:, None], ones, done, eos_ids, max_new_tokens)
     return cache, nxt, out, count, done, key
 

@@ -70,9 +70,34 @@ def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
   assert get_tree(str(tree_file), num_heads=3).paths == tuple(tuple(p) for p in saved["paths"])
 
 
+def test_benchmark_tree_nodes_auto_picks_the_best_predicted_size(tmp_path):
+  base = random_model(preset("tiny"), seed=0)
+  save_heads(random_heads(base, HeadsConfig(2, 1, True)), str(tmp_path / "heads"),
+             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"turns": ["hello there"]}\n')
+  out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
+                         str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
+                         "--max-new-tokens", "8", "--heads-accuracy", "--topk", "3", "--tree-nodes", "auto",
+                         "--save-tree", str(tree_file), "--accuracy-only", "--out", str(out)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  acc = json.loads(out.read_text())["heads_accuracy"]
+  tuning = acc["tree_tuning"]
+  assert set(tuning) == set(acc["expected_tokens_per_step"]) == {"1", "2", "4", "8", "16", "32", "64"}
+  for n, t in tuning.items():
+    assert t["step_cost_ratio"] > 0
+    assert t["predicted_speedup"] == pytest.approx(acc["expected_tokens_per_step"][n] / t["step_cost_ratio"], rel=1e-3)
+  best = max(tuning, key=lambda n: tuning[n]["predicted_speedup"])
+  assert len(json.loads(tree_file.read_text())["paths"]) == int(best)
+
+
 def test_benchmark_bad_flags_one_line(tmp_path):
   for flags, message in [(["--tree-nodes", "3"], "--tree-nodes and --accuracy-only need --heads-accuracy"),
-                         (["--heads-accuracy", "--topk", "0"], "--topk and --tree-nodes must be at least 1")]:
+                         (["--heads-accuracy", "--topk", "0"], "--topk and --tree-nodes must be at least 1"),
+                         (["--heads-accuracy", "--tree-nodes", "many"],
+                          "--tree-nodes takes a number of nodes or 'auto', got 'many'")]:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
                            str(tmp_path / "p.jsonl"), *flags], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"], proc.stderr
