@@ -84,13 +84,15 @@ class MedusaHeads(nnx.Module):
     """The base model's and the first `num_heads` heads' float32 logits at `h` `[..., embed]`:
     (`[..., vocab]`, `[num_heads, ..., vocab]`). With a shared lm_head all of them come from one
     vocab matmul over `1 + num_heads` rows (on CPUs a few rows cost little more than one)."""
+    if self.lm_heads is None:
+      logits = base.logits(jnp.concatenate([h[None], self.hidden(h, num_heads)]))
+      return logits[0], logits[1:]
+    return base.logits(h), self(h, base, num_heads)
+
+  def __call__(self, h: jax.Array, base: Llama, num_heads: int | None = None) -> jax.Array:
+    """`[..., embed]` -> the first `num_heads` (default all) heads' float32 logits
+    `[num_heads, ..., vocab]` (one vocab matmul for all of them with a shared lm_head)."""
     feats = self.hidden(h, num_heads)
     if self.lm_heads is None:
-      logits = base.logits(jnp.concatenate([h[None], feats]))
-      return logits[0], logits[1:]
-    return base.logits(h), jnp.stack([self.project(k, feats[k], base) for k in range(num_heads)])
-
-  def __call__(self, h: jax.Array, base: Llama) -> jax.Array:
-    """`[..., embed]` -> float32 logits `[num_heads, ..., vocab]`."""
-    feats = self.hidden(h)
-    return jnp.stack([self.project(k, feats[k], base) for k in range(self.config.num_heads)])
+      return base.logits(feats)
+    return jnp.stack([self.project(k, feats[k], base) for k in range(len(feats))])

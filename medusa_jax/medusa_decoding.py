@@ -33,8 +33,12 @@ def root_and_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree
   """At the last accepted position `hidden` `[batch, embed]`: the base model's next token `[batch]`
   (the next tree's root) and the first `tree.depth` heads' top-k ids `[batch, depth, topk]`."""
   base_logits, head_logits = heads.with_base_logits(hidden, model, tree.depth)
-  top = jnp.moveaxis(jax.lax.top_k(head_logits, tree.topk)[1], 0, 1)
-  return _next_token(base_logits, key, typical), top.astype(jnp.int32)
+  return _next_token(base_logits, key, typical), _topk_ids(head_logits, tree)
+
+
+def _topk_ids(head_logits: jax.Array, tree: Tree) -> jax.Array:
+  """Heads' logits `[depth, batch, vocab]` -> their top-k ids `[batch, depth, topk]`."""
+  return jnp.moveaxis(jax.lax.top_k(head_logits, tree.topk)[1], 0, 1).astype(jnp.int32)
 
 
 def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
@@ -81,9 +85,10 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, tokens: jax.Array,
   heads = nnx.merge(heads_graphdef, heads_state)
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
-  _, hidden, cache = prefill(model, tokens, prompt_lens, cache)
+  logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
-  root, top = root_and_top(model, heads, hidden, tree, sub, typical)
+  root = _next_token(logits, sub, typical)  # from the very logits the baseline's first token comes from
+  top = _topk_ids(heads(hidden, model, tree.depth), tree)
   zeros = jnp.zeros((batch,), jnp.int32)
   out, count, done = record(output_buffer(batch, max_new_tokens, tree.depth + 1, pad_id), zeros,
                             root[:, None], zeros + 1, zeros.astype(bool), eos_ids, max_new_tokens)

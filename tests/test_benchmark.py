@@ -46,51 +46,45 @@ def test_benchmark_cli(tmp_path):
   assert "overall" in proc.stdout
 
 
-def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
+def _accuracy_run(tmp_path, num_heads: int, *flags: str) -> tuple[dict, dict]:
+  """Runs the benchmark CLI with --heads-accuracy on random:tiny with random heads; returns (the
+  --out JSON, the --save-tree JSON)."""
   base = random_model(preset("tiny"), seed=0)
-  save_heads(random_heads(base, HeadsConfig(3, 1, True)), str(tmp_path / "heads"),
+  save_heads(random_heads(base, HeadsConfig(num_heads, 1, True)), str(tmp_path / "heads"),
              base_model="random:tiny", hidden_size=64, vocab_size=512)
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n')
   out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
                          str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
-                         "--max-new-tokens", "16", "--heads-accuracy", "--topk", "4",
-                         "--tree-nodes", "6", "--save-tree", str(tree_file), "--out", str(out)],
+                         "--heads-accuracy", "--save-tree", str(tree_file), "--out", str(out), *flags],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
-  r = json.loads(out.read_text())
+  return json.loads(out.read_text()), json.loads(tree_file.read_text())
+
+
+def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
+  r, saved = _accuracy_run(tmp_path, 3, "--max-new-tokens", "16", "--topk", "4", "--tree-nodes", "6")
   acc = r["heads_accuracy"]
   assert len(acc["per_rank"]) == 3 and len(acc["per_rank"][0]) == 4 and acc["positions"] == 15
   expected = [acc["expected_tokens_per_step"][str(n)] for n in (1, 2, 4, 6, 8)]
   assert expected[0] >= 1 and expected == sorted(expected)  # a bigger best tree never predicts less
-  saved = json.loads(tree_file.read_text())
   assert saved["paths"] == r["tree"] and len(r["tree"]) == 6 and r["tree_size"] == 7
   assert r["overall"]["identical_fraction"] == 1.0
-  assert get_tree(str(tree_file), num_heads=3).paths == tuple(tuple(p) for p in saved["paths"])
+  assert get_tree(str(tmp_path / "tree.json"), num_heads=3).paths == tuple(tuple(p) for p in saved["paths"])
 
 
 def test_benchmark_tree_nodes_auto_picks_the_best_predicted_size(tmp_path):
-  base = random_model(preset("tiny"), seed=0)
-  save_heads(random_heads(base, HeadsConfig(2, 1, True)), str(tmp_path / "heads"),
-             base_model="random:tiny", hidden_size=64, vocab_size=512)
-  prompts = tmp_path / "p.jsonl"
-  prompts.write_text('{"turns": ["hello there"]}\n')
-  out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
-                         str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
-                         "--max-new-tokens", "8", "--heads-accuracy", "--topk", "3", "--tree-nodes", "auto",
-                         "--save-tree", str(tree_file), "--accuracy-only", "--out", str(out)],
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr
-  acc = json.loads(out.read_text())["heads_accuracy"]
+  r, saved = _accuracy_run(tmp_path, 2, "--max-new-tokens", "8", "--topk", "3", "--tree-nodes", "auto",
+                           "--accuracy-only")
+  acc = r["heads_accuracy"]
   tuning = acc["tree_tuning"]
   assert set(tuning) == set(acc["expected_tokens_per_step"]) == {"1", "2", "4", "8", "16", "32", "64"}
   for n, t in tuning.items():
     assert t["step_cost_ratio"] > 0
     assert t["predicted_speedup"] == pytest.approx(acc["expected_tokens_per_step"][n] / t["step_cost_ratio"], rel=1e-3)
   best = max(tuning, key=lambda n: tuning[n]["predicted_speedup"])
-  assert len(json.loads(tree_file.read_text())["paths"]) == int(best)
+  assert len(saved["paths"]) == int(best)
 
 
 def test_benchmark_bad_flags_one_line(tmp_path):
