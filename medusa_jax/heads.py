@@ -83,7 +83,7 @@ class MedusaHeads(nnx.Module):
   def with_base_logits(self, h: jax.Array, base: Llama, num_heads: int) -> tuple[jax.Array, jax.Array]:
     """The base model's and the first `num_heads` heads' float32 logits at `h` `[..., embed]`:
     (`[..., vocab]`, `[num_heads, ..., vocab]`). With a shared lm_head all of them come from one
-    vocab matmul over `1 + num_heads` rows (on CPUs a few rows cost little more than one)."""
+    vocab matmul over `1 + num_heads` rows: the vocab matrix is read once, not `1 + num_heads` times."""
     if self.lm_heads is None:
       logits = base.logits(jnp.concatenate([h[None], self.hidden(h, num_heads)]))
       return logits[0], logits[1:]
