@@ -57,6 +57,9 @@ def main(argv=None):
   p.add_argument("--model", default="smollm2-135m-instruct")
   p.add_argument("--heads", default="default")
   p.add_argument("--tree", default=None)
+  p.add_argument("--draft-vocab", type=int, default=8192,
+                 help="the heads guess among the N most frequent answer tokens in their "
+                      "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--max-prompts", type=int, default=None)
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
@@ -91,7 +94,8 @@ def main(argv=None):
 
   convs = load_conversations(args.prompts)[: args.max_prompts]
   tree = json.loads(args.tree) if args.tree and args.tree.lstrip().startswith("[") else args.tree
-  engine = medusa_jax.load(args.model, heads=args.heads, tree=tree, dtype=args.dtype)
+  engine = medusa_jax.load(args.model, heads=args.heads, tree=tree, dtype=args.dtype,
+                           draft_vocab=args.draft_vocab)
   engine.resolve_mode("medusa")  # a clear error when no heads are loaded
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:

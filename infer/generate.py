@@ -32,6 +32,9 @@ def parse_args(argv=None):
   p.add_argument("--mode", choices=["auto", "medusa", "baseline"], default="auto",
                  help="auto = medusa when heads are loaded, else baseline")
   p.add_argument("--tree", default=None, help="tree name (mc_sim_7b_63, vicuna_7b_stage2, chain1..5) or JSON list of paths")
+  p.add_argument("--draft-vocab", type=int, default=8192,
+                 help="the heads guess among the N most frequent answer tokens in their "
+                      "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
   p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance delta")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -49,7 +52,8 @@ def main(argv=None):
 
   tree = json.loads(args.tree) if args.tree and args.tree.lstrip().startswith("[") else args.tree
   heads = None if args.heads == "none" else args.heads
-  engine = medusa_jax.load(args.model, heads=heads, tree=tree, dtype=args.dtype)
+  engine = medusa_jax.load(args.model, heads=heads, tree=tree, dtype=args.dtype,
+                           draft_vocab=args.draft_vocab)
   mode = engine.resolve_mode(args.mode)
   prompts = args.prompt or [DEMO_PROMPT]
   results = engine.generate(prompts, max_new_tokens=args.max_new_tokens,

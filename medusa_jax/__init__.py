@@ -12,13 +12,17 @@ from medusa_jax.loading import EMBEDDED_MODEL
 
 
 def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None,
-         dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0) -> Engine:
+         dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0,
+         draft_vocab: int = 8192) -> Engine:
   """Loads a model spec (see `medusa_jax.loading`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
   Medusa/TGI, vLLM or orbax training directory, or None for the base model alone. `tree`: a tree name or list of paths
-  (default: the tree shipped with the heads, else `mc_sim_7b_63`).
+  (default: the tree shipped with the heads, else `mc_sim_7b_63`). `draft_vocab`: the heads guess
+  among the N most frequent answer tokens listed in the heads directory's `draft_vocab.json` (0, or
+  no such file: the whole vocabulary; see `medusa_jax.draft_vocab`).
   """
+  from medusa_jax import draft_vocab as draft_file
   from medusa_jax import loading
   from medusa_jax.export import read_heads
 
@@ -28,7 +32,8 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   num_heads = medusa_heads.config.num_heads if medusa_heads is not None else 4
   return Engine(loaded.model, loaded.tokenizer, heads=medusa_heads,
                 tree=tree or loading.default_tree(heads_path, num_heads), name=loaded.name,
-                max_cache_len=max_cache_len)
+                max_cache_len=max_cache_len,
+                draft_vocab=draft_file.read(heads_path, draft_vocab) if medusa_heads is not None else None)
 
 
 __all__ = ["Engine", "Generation", "MedusaError", "ModelConfig", "load", "preset", "EMBEDDED_MODEL"]

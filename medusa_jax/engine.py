@@ -13,6 +13,7 @@ from flax import nnx
 
 from medusa_jax.acceptance import TypicalParams
 from medusa_jax.decoding import baseline_generate
+from medusa_jax.draft_vocab import DraftVocab
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import MedusaHeads
 from medusa_jax.llama import Llama
@@ -54,14 +55,16 @@ class Engine:
 
   def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | None = None,
                tree: str | Tree | Sequence[Sequence[int]] = "mc_sim_7b_63", name: str = "model",
-               max_cache_len: int | None = None):
+               max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None):
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.heads_graphdef, self.heads_state = nnx.split(heads) if heads is not None else (None, None)
     self.heads_config = heads.config if heads is not None else None
     self.tree = None
+    self.draft: DraftVocab | None = None
     if heads is not None:
       self.set_tree(tree)
+      self.set_draft_vocab(draft_vocab)
     self.dtype = model.dtype
     self.tokenizer = tokenizer
     self.name = name
@@ -90,7 +93,16 @@ class Engine:
 
   def set_tree(self, tree: str | Tree | Sequence[Sequence[int]]) -> None:
     """Chooses the candidate tree (a name, a list of paths, or a `Tree`), checked against the heads."""
-    self.tree = get_tree(tree, num_heads=self.heads_config.num_heads, vocab_size=self.config.vocab_size)
+    tree = get_tree(tree, num_heads=self.heads_config.num_heads, vocab_size=self.config.vocab_size)
+    if self.draft is not None and tree.topk > len(self.draft.ids):
+      raise MedusaError(f"tree asks for top-{tree.topk} guesses of a {len(self.draft.ids)}-token "
+                        "drafting vocabulary")
+    self.tree = tree
+
+  def set_draft_vocab(self, ids: Sequence[int] | None) -> None:
+    """Restricts the heads' guesses to the token ids `ids` (`draft_vocab.py`); None: the whole
+    vocabulary. Outputs do not change, only which guesses the heads can make."""
+    self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
 
   @property
   def heads(self) -> MedusaHeads | None:
@@ -155,7 +167,7 @@ class Engine:
     else:
       typical = None if temperature <= 0 else TypicalParams(
           float(temperature), float(posterior_threshold), float(posterior_alpha))
-      out, seconds = self._call(medusa_generate, self.state, self.heads_state, *args,
+      out, seconds = self._call(medusa_generate, self.state, self.heads_state, self.draft, *args,
                                 heads_graphdef=self.heads_graphdef, tree=self.tree, typical=typical,
                                 **common)
     return np.asarray(out.tokens), np.asarray(out.num_tokens), np.asarray(out.steps), seconds

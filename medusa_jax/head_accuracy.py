@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medusa_jax.draft_vocab import DraftVocab
 from medusa_jax.engine import Engine, bucket, pad_prompts
 from medusa_jax.training import head_targets
 from medusa_jax.tree import Path
@@ -38,24 +39,31 @@ class HeadAccuracy:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef"))
-def _ranks(state, heads_state, tokens: jax.Array, first: jax.Array, end: jax.Array, *,
-           graphdef, heads_graphdef) -> jax.Array:
+def _ranks(state, heads_state, draft: DraftVocab | None, tokens: jax.Array, first: jax.Array,
+           end: jax.Array, *, graphdef, heads_graphdef) -> jax.Array:
   """tokens `[batch, L]` (prompt + greedy answer); decode positions `t` in `[first, end)` per row.
-  Returns the rank of the right token in each head's logits `[num_heads, batch, L]` (0 = its
-  top guess), -1 where the target lies past `end` or `t` is not a decode position."""
+  Returns the rank of the right token among each head's guesses `[num_heads, batch, L]` (0 = its
+  top guess; over the drafting vocabulary `draft` when given, where a token outside it never
+  ranks), -1 where the target lies past `end` or `t` is not a decode position."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   hidden, _ = model.hidden_states(tokens, positions)
   feats = heads.hidden(hidden)  # [K, b, L, e]
   targets, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), heads.config.num_heads)
+  vocab = model.config.vocab_size
+  if draft is not None:  # each target's slot among the draft ids (-1: not there)
+    slot = jnp.full((vocab,), -1, jnp.int32).at[draft.ids].set(jnp.arange(len(draft.ids), dtype=jnp.int32))
+    targets, draft_logits = slot[targets], draft.logits(feats)
   t = jnp.arange(tokens.shape[1])[None, :]
   ranks = []
   for k in range(heads.config.num_heads):
     valid = (t >= first[:, None]) & (t + k + 2 < end[:, None])
-    logits = heads.project(k, feats[k], model)  # [b, L, vocab]
-    target_logit = jnp.take_along_axis(logits, targets[..., k, None], axis=-1)
-    ranks.append(jnp.where(valid, jnp.sum(logits > target_logit, axis=-1), -1))
+    logits = heads.project(k, feats[k], model) if draft is None else draft_logits[k]  # [b, L, V]
+    target = targets[..., k]
+    target_logit = jnp.take_along_axis(logits, jnp.maximum(target, 0)[..., None], axis=-1)
+    rank = jnp.where(target >= 0, jnp.sum(logits > target_logit, axis=-1), vocab)
+    ranks.append(jnp.where(valid, rank, -1))
   return jnp.stack(ranks)
 
 
@@ -72,7 +80,7 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
     answer, count, _, _ = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
     seq = list(prompt) + [int(x) for x in answer[0, : int(count[0])]]
     tokens, _ = pad_prompts([seq], bucket(len(seq)), engine.pad_id)  # one compile per bucket
-    ranks = np.asarray(_ranks(engine.state, engine.heads_state, jnp.asarray(tokens),
+    ranks = np.asarray(_ranks(engine.state, engine.heads_state, engine.draft, jnp.asarray(tokens),
                               jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
                               graphdef=engine.graphdef, heads_graphdef=engine.heads_graphdef))[:, 0]
     for k in range(num_heads):

@@ -80,19 +80,14 @@ class MedusaHeads(nnx.Module):
       return base.logits(x)
     return self.lm_heads[k](x).astype(jnp.float32)
 
-  def with_base_logits(self, h: jax.Array, base: Llama, num_heads: int) -> tuple[jax.Array, jax.Array]:
-    """The base model's and the first `num_heads` heads' float32 logits at `h` `[..., embed]`:
-    (`[..., vocab]`, `[num_heads, ..., vocab]`). With a shared lm_head all of them come from one
-    vocab matmul over `1 + num_heads` rows: the vocab matrix is read once, not `1 + num_heads` times."""
-    if self.lm_heads is None:
-      logits = base.logits(jnp.concatenate([h[None], self.hidden(h, num_heads)]))
-      return logits[0], logits[1:]
-    return base.logits(h), self(h, base, num_heads)
-
-  def __call__(self, h: jax.Array, base: Llama, num_heads: int | None = None) -> jax.Array:
-    """`[..., embed]` -> the first `num_heads` (default all) heads' float32 logits
-    `[num_heads, ..., vocab]` (one vocab matmul for all of them with a shared lm_head)."""
-    feats = self.hidden(h, num_heads)
+  def logits(self, feats: jax.Array, base: Llama) -> jax.Array:
+    """Heads' features `[num_heads, ..., embed]` -> their float32 logits `[num_heads, ..., vocab]`
+    (one vocab matmul for all of them with a shared lm_head)."""
     if self.lm_heads is None:
       return base.logits(feats)
     return jnp.stack([self.project(k, feats[k], base) for k in range(len(feats))])
+
+  def __call__(self, h: jax.Array, base: Llama, num_heads: int | None = None) -> jax.Array:
+    """`[..., embed]` -> the first `num_heads` (default all) heads' float32 logits
+    `[num_heads, ..., vocab]`."""
+    return self.logits(self.hidden(h, num_heads), base)

@@ -4,7 +4,8 @@ Each step, per row: (1) the tree's tokens from the root (last emitted token) and
 at the last accepted position; (2) one forward over all tree tokens with the tree mask, their
 K/V written after the row's prefix; (3) acceptance on the device; (4) the accepted path's K/V moved
 to contiguous positions; the accepted tokens plus one bonus token (from the base logits at the
-last accepted node) emitted; the heads' logits there seed the next step, with no extra forward.
+last accepted node) emitted; the heads' guesses there (over their drafting vocabulary,
+`draft_vocab.py`) seed the next step, with no extra forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medusa_jax.acceptance import TypicalParams, choose_path, node_acceptance, typical_sample
+from medusa_jax.draft_vocab import DraftVocab
 from medusa_jax.decoding import DecodeOutput, output_buffer, prefill, record
 from medusa_jax.heads import MedusaHeads
 from medusa_jax.kv_cache import KVCache
@@ -28,17 +30,14 @@ def _next_token(logits, key, typical):
           else typical_sample(logits, key, typical))
 
 
-def root_and_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree, key: jax.Array,
-                 typical: TypicalParams | None) -> tuple[jax.Array, jax.Array]:
-  """At the last accepted position `hidden` `[batch, embed]`: the base model's next token `[batch]`
-  (the next tree's root) and the first `tree.depth` heads' top-k ids `[batch, depth, topk]`."""
-  base_logits, head_logits = heads.with_base_logits(hidden, model, tree.depth)
-  return _next_token(base_logits, key, typical), _topk_ids(head_logits, tree)
-
-
-def _topk_ids(head_logits: jax.Array, tree: Tree) -> jax.Array:
-  """Heads' logits `[depth, batch, vocab]` -> their top-k ids `[batch, depth, topk]`."""
-  return jnp.moveaxis(jax.lax.top_k(head_logits, tree.topk)[1], 0, 1).astype(jnp.int32)
+def heads_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree,
+              draft: DraftVocab | None) -> jax.Array:
+  """The first `tree.depth` heads' top-k ids `[batch, depth, topk]` at hidden states `[batch, embed]`,
+  over the drafting vocabulary `draft` (None: the whole vocabulary)."""
+  feats = heads.hidden(hidden, tree.depth)
+  top = (jax.lax.top_k(heads.logits(feats, model), tree.topk)[1] if draft is None
+         else draft.top_k(feats, tree.topk))
+  return jnp.moveaxis(top, 0, 1).astype(jnp.int32)
 
 
 def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
@@ -48,22 +47,24 @@ def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
 
 
 def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, top: jax.Array,
-                tree: Tree, key: jax.Array, typical: TypicalParams | None):
+                tree: Tree, key: jax.Array, typical: TypicalParams | None,
+                draft: DraftVocab | None = None):
   """One tree step. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with
   the accepted path committed, next root `[batch]`, next heads' top-k).
 
-  Vocab logits are computed where they decide something: at the tree's internal nodes (for
-  acceptance), then at the last accepted node (bonus token and heads, in one matmul)."""
+  One vocab matmul over every tree node gives the logits for acceptance and the bonus token;
+  the heads then project only the last accepted node, over the drafting vocabulary `draft`."""
   tokens = tree_tokens(root, top, tree)
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
   hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
-  internal_logits = model.logits(jnp.take(hidden, jnp.asarray(tree.internal), axis=1))
-  ok, logp = node_acceptance(tokens, internal_logits, tree, typical)
+  logits = model.logits(hidden)  # [b, T, vocab]
+  ok, logp = node_acceptance(tokens, jnp.take(logits, jnp.asarray(tree.internal), axis=1), tree, typical)
   best, accepted = choose_path(ok, logp, tree)
   path = jnp.take(jnp.asarray(tree.retrieve), best, axis=0)  # [b, D+1] node ids, root first
-  last = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
-  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  bonus, next_top = root_and_top(model, heads, last_hidden, tree, key, typical)
+  last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
+  bonus = _next_token(jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0], key, typical)
+  last_hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0]
+  next_top = heads_top(model, heads, last_hidden, tree, draft)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
   shifted = jnp.concatenate([path_tokens[:, 1:], bonus[:, None]], axis=1)
   j = jnp.arange(tree.depth + 1)[None, :]
@@ -74,13 +75,14 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
                                              "cache_len", "typical", "pad_id", "cache_dtype"))
-def medusa_generate(state: nnx.State, heads_state: nnx.State, tokens: jax.Array,
-                    prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
+def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab | None,
+                    tokens: jax.Array, prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
                     graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef, tree: Tree, max_new_tokens: int,
                     cache_len: int, typical: TypicalParams | None, pad_id: int,
                     cache_dtype=jnp.float32) -> DecodeOutput:
   """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`); greedy when
-  `typical` is None. `cache_len` must be at least P + max_new_tokens + tree.size."""
+  `typical` is None; the heads draft from `draft` (None: the whole vocabulary). `cache_len` must
+  be at least P + max_new_tokens + tree.size."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
   batch = tokens.shape[0]
@@ -88,7 +90,7 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, tokens: jax.Array,
   logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
   root = _next_token(logits, sub, typical)  # from the very logits the baseline's first token comes from
-  top = _topk_ids(heads(hidden, model, tree.depth), tree)
+  top = heads_top(model, heads, hidden, tree, draft)
   zeros = jnp.zeros((batch,), jnp.int32)
   out, count, done = record(output_buffer(batch, max_new_tokens, tree.depth + 1, pad_id), zeros,
                             root[:, None], zeros + 1, zeros.astype(bool), eos_ids, max_new_tokens)
@@ -99,7 +101,8 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, tokens: jax.Array,
   def body(carry):
     cache, root, top, out, count, done, steps, key = carry
     key, sub = jax.random.split(key)
-    emitted, n, new_cache, new_root, new_top = medusa_step(model, heads, cache, root, top, tree, sub, typical)
+    emitted, n, new_cache, new_root, new_top = medusa_step(model, heads, cache, root, top, tree, sub,
+                                                           typical, draft)
     new_cache = KVCache(new_cache.keys, new_cache.values, jnp.where(done, cache.lengths, new_cache.lengths))
     steps = steps + (~done).astype(jnp.int32)
     out, count, done = record(out, count, emitted, n, done, eos_ids, max_new_tokens)

@@ -24,8 +24,8 @@ from medusa_jax.sampling import SamplingParams
 from medusa_jax.tree import Tree
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree"), donate_argnums=(2,))
-def _step(state, heads_state, cache: KVCache, root: jax.Array, top: jax.Array, *, graphdef,
+@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree"), donate_argnums=(3,))
+def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, top: jax.Array, *, graphdef,
           heads_graphdef, tree: Tree | None) -> KVCache:
   """One step (plain when `tree` is None); returns the cache with its lengths unchanged, so that
   every repetition sees the same context."""
@@ -34,7 +34,8 @@ def _step(state, heads_state, cache: KVCache, root: jax.Array, top: jax.Array, *
   if tree is None:
     _, new = decode_step(model, cache, root, key, SamplingParams())
   else:
-    new = medusa_step(model, nnx.merge(heads_graphdef, heads_state), cache, root, top, tree, key, None)[2]
+    new = medusa_step(model, nnx.merge(heads_graphdef, heads_state), cache, root, top, tree, key, None,
+                      draft)[2]
   return KVCache(new.keys, new.values, cache.lengths)
 
 
@@ -47,7 +48,7 @@ def step_seconds(engine: Engine, tree: Tree | None, *, batch: int = 1, context: 
   cache = KVCache(cache.keys, cache.values, jnp.full((batch,), context, jnp.int32))
   root = jnp.zeros((batch,), jnp.int32)
   top = jnp.zeros((batch, 1, 1) if tree is None else (batch, tree.depth, tree.topk), jnp.int32)
-  run = functools.partial(_step, engine.state, engine.heads_state, graphdef=engine.graphdef,
+  run = functools.partial(_step, engine.state, engine.heads_state, engine.draft, graphdef=engine.graphdef,
                           heads_graphdef=engine.heads_graphdef, tree=tree)
   cache = jax.block_until_ready(run(cache, root, top))  # compile and warm up
   best = float("inf")

@@ -4,7 +4,8 @@
     python train/train_heads.py configs/tiny.yaml method=medusa2 heads_weight=0.2   # joint training
 
 Writes `metrics.jsonl` and orbax checkpoints under `output_dir`, resumes from the latest one there,
-and exports the final heads as a Medusa directory `output_dir/heads`; a Medusa-2 run also exports
+and exports the final heads as a Medusa directory `output_dir/heads` (with `draft_vocab.json`: the
+training answers' tokens by frequency, the heads' drafting vocabulary); a Medusa-2 run also exports
 its trained backbone as a Hugging Face Llama directory `output_dir/model` (use both together:
 `--model output_dir/model --heads output_dir/heads`).
 """
@@ -26,11 +27,11 @@ def main(argv=None):
     print(__doc__)
     return
   quiet_logs()
-  from medusa_jax import loading
+  from medusa_jax import draft_vocab, loading
   from medusa_jax.export import export
   from medusa_jax.heads_io import save_heads
   from medusa_jax.train_config import load_config
-  from medusa_jax.trainer import train, trained_model
+  from medusa_jax.trainer import prepare_data, train, trained_model
 
   path, overrides = (argv[0], argv[1:]) if not argv[0].count("=") else (None, argv)
   cfg = load_config(path, overrides)
@@ -44,6 +45,8 @@ def main(argv=None):
            tokenizer=loaded.tokenizer, force=True)
   save_heads(heads, written[0], base_model=written[1] if len(written) > 1 else cfg.model,
              hidden_size=base.config.hidden_size, vocab_size=base.config.vocab_size, force=True)
+  tokens, mask, _, _ = prepare_data(cfg, loaded.tokenizer, base.config.pad_token_id)
+  draft_vocab.save(written[0], *draft_vocab.rank_by_frequency([tokens[mask]]))
   print(f"step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}; wrote "
         f"{' and '.join(written)}")
 
