@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.atomic import write_text  # noqa: E402
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.draft_vocab import DEFAULT_SIZE  # noqa: E402
 from medusa_jax.errors import MedusaError  # noqa: E402
 
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
@@ -57,7 +58,7 @@ def main(argv=None):
   p.add_argument("--model", default="smollm2-135m-instruct")
   p.add_argument("--heads", default="default")
   p.add_argument("--tree", default=None)
-  p.add_argument("--draft-vocab", type=int, default=8192,
+  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--max-prompts", type=int, default=None)

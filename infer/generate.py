@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.draft_vocab import DEFAULT_SIZE  # noqa: E402
 
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
@@ -32,7 +33,7 @@ def parse_args(argv=None):
   p.add_argument("--mode", choices=["auto", "medusa", "baseline"], default="auto",
                  help="auto = medusa when heads are loaded, else baseline")
   p.add_argument("--tree", default=None, help="tree name (mc_sim_7b_63, vicuna_7b_stage2, chain1..5) or JSON list of paths")
-  p.add_argument("--draft-vocab", type=int, default=8192,
+  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")

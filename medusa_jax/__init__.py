@@ -6,6 +6,7 @@
 """
 
 from medusa_jax.config import ModelConfig, preset
+from medusa_jax.draft_vocab import DEFAULT_SIZE as _DRAFT_VOCAB_SIZE
 from medusa_jax.engine import Engine, Generation
 from medusa_jax.errors import MedusaError
 from medusa_jax.loading import EMBEDDED_MODEL
@@ -13,7 +14,7 @@ from medusa_jax.loading import EMBEDDED_MODEL
 
 def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None,
          dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0,
-         draft_vocab: int = 8192) -> Engine:
+         draft_vocab: int = _DRAFT_VOCAB_SIZE) -> Engine:
   """Loads a model spec (see `medusa_jax.loading`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a

@@ -30,6 +30,7 @@ from medusa_jax.heads import MedusaHeads
 from medusa_jax.llama import Llama
 
 FILE = "draft_vocab.json"
+DEFAULT_SIZE = 8192  # ids the heads guess among unless told otherwise
 
 
 def rank_by_frequency(token_lists: Iterable[Sequence[int]]) -> tuple[np.ndarray, int]:
