@@ -102,6 +102,7 @@ class Engine:
   def set_draft_vocab(self, ids: Sequence[int] | None) -> None:
     """Restricts the heads' guesses to the token ids `ids` (`draft_vocab.py`); None: the whole
     vocabulary. Outputs do not change, only which guesses the heads can make."""
+    self.resolve_mode("medusa")  # a clear error when no heads are loaded
     self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
 
   @property

@@ -68,6 +68,8 @@ def test_build_rejects_bad_ids():
                            ([3, 3, 4], 2, "distinct token ids, got 3"), ([3, 4], 5, "at least 5")]:
     with pytest.raises(MedusaError, match=match):
       DraftVocab.build(model, heads, ids, topk=topk)
+  with pytest.raises(MedusaError, match="needs Medusa heads"):
+    Engine(model, ByteTokenizer()).set_draft_vocab([3, 4])
   engine = Engine(model, ByteTokenizer(), heads=heads, tree="chain2", draft_vocab=[3, 4])
   with pytest.raises(MedusaError, match="top-3 guesses of a 2-token drafting vocabulary"):
     engine.set_tree([[0], [2]])
