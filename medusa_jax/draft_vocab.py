@@ -91,6 +91,18 @@ class DraftVocab:
       kernels = jnp.take(model.lm_head.kernel[...], ids, axis=1)[None]
     return cls(ids, kernels.astype(model.dtype))
 
+  def project(self, k: int, x: jax.Array) -> jax.Array:
+    """Head `k`'s float32 logits over `ids` `[..., Vd]` from its features `x` `[..., embed]`."""
+    kernel = self.kernels[k if len(self.kernels) > 1 else 0]
+    return jnp.matmul(x.astype(kernel.dtype), kernel).astype(jnp.float32)
+
+  def index(self, tokens: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """Token ids (any shape) -> (their column among `ids`, 0 where absent; whether present)."""
+    lookup = jnp.full((vocab_size,), -1, jnp.int32).at[self.ids].set(
+        jnp.arange(len(self.ids), dtype=jnp.int32))
+    column = lookup[tokens]
+    return jnp.maximum(column, 0), column >= 0
+
   def logits(self, feats: jax.Array) -> jax.Array:
     """Heads' features `[num_heads, ..., embed]` -> float32 logits over `ids` `[num_heads, ..., Vd]`."""
     flat = feats.reshape(feats.shape[0], -1, feats.shape[-1]).astype(self.kernels.dtype)

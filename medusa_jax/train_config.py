@@ -52,6 +52,9 @@ class TrainConfig:
   init_heads: str = ""               # start from these trained heads (e.g. Medusa-1's, for Medusa-2)
   cache_hidden: bool = False         # Medusa-1: frozen backbone's hidden states computed once; a step
                                      # then draws batch_size * seq_len labelled positions
+  draft_vocab: int = 0               # heads' softmax over the N most frequent answer tokens of the
+                                     # training data (their drafting vocabulary, as decoding uses
+                                     # them); 0: the whole vocabulary
   hidden_cache_dir: str = ""         # with cache_hidden: keep those hidden states here and reuse them
                                      # in later runs on the same model and data (e.g. head sweeps)
   seed: int = 0
@@ -120,5 +123,7 @@ def _check_choices(config: TrainConfig) -> None:
     if getattr(config, key) not in choices:
       raise MedusaError(f"config key {key!r} must be one of {', '.join(choices)}, "
                         f"got {getattr(config, key)!r}")
+  if config.draft_vocab < 0:
+    raise MedusaError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {config.draft_vocab}")
   if config.cache_hidden and config.method != "medusa1":
     raise MedusaError("cache_hidden needs method medusa1 (a frozen backbone)")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from medusa_jax import draft_vocab
 from medusa_jax.data import load_conversations, pack_examples, split, tokenize_with_labels
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
@@ -52,47 +53,73 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   return order[np.arange(i * batch_size, (i + 1) * batch_size) % n]
 
 
-def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
-                    batch_size: int) -> dict:
-  """Medusa-1 with a frozen backbone: its hidden states never change, so they are computed once.
-  Returns NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for the `n` positions
-  that some head has a target at (prompt and padding positions are dropped)."""
+def _row_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
+                   batch_size: int) -> list[dict]:
+  """Per row of `tokens`: NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for
+  the `n` positions of that row that some head has a target at."""
   fwd = jax.jit(lambda s, t, m: position_targets(backbone_hidden(nnx.merge(base_graphdef, s), t), t, m,
                                                  num_heads))
   # Causality: positions past a row's last assistant token change nothing before it, so rows
   # (sorted by that length) run trimmed to a multiple of 64 columns, not padded to seq_len.
   ends = np.asarray([int(np.nonzero(m)[0].max()) + 1 if m.any() else 0 for m in mask])
   order = np.argsort(ends, kind="stable")
-  parts = []
+  out: list = [None] * len(tokens)
   for i in range(0, len(order), batch_size):
     rows = order[i: i + batch_size]
     width = min(tokens.shape[1], -(-int(ends[rows].max()) // 64) * 64)
     p = jax.device_get(fwd(base_state, jnp.asarray(tokens[rows, :width]), jnp.asarray(mask[rows, :width])))
-    keep = p["valid"].any(-1)
-    parts.append({k: v[keep] for k, v in p.items()})
+    p = {k: v.reshape((len(rows), width) + v.shape[1:]) for k, v in p.items()}
+    for j, row in enumerate(rows):
+      keep = p["valid"][j].any(-1)
+      out[row] = {k: v[j][keep] for k, v in p.items()}
+  return out
+
+
+def _concat(parts: list[dict]) -> dict:
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
+                    batch_size: int) -> dict:
+  """Medusa-1 with a frozen backbone: its hidden states never change, so they are computed once.
+  Returns NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for the `n` positions
+  that some head has a target at, row by row (prompt and padding positions are dropped)."""
+  return _concat(_row_positions(base_graphdef, base_state, tokens, mask, num_heads, batch_size))
 
 
 def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.ndarray,
                       mask: np.ndarray) -> dict:
-  """`cache_positions`, kept in `cfg.hidden_cache_dir` (when set) under a fingerprint of the model
-  spec, compute dtype, head count and token rows, and reused by later runs on the same data."""
+  """`cache_positions`, kept in `cfg.hidden_cache_dir` (when set) row by row, under a fingerprint
+  of the model spec, compute dtype and head count and of each row's tokens: later runs on the same
+  rows (head sweeps) reuse them, and a run on grown data computes only the new rows."""
   if not cfg.hidden_cache_dir:
     return cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size)
-  key = hashlib.sha256()
-  for part in (cfg.model, cfg.compute_dtype, str(cfg.num_heads), str(tokens.shape)):
-    key.update(part.encode() + b"\0")
-  key.update(np.ascontiguousarray(tokens).tobytes() + np.ascontiguousarray(mask).tobytes())
-  path = os.path.join(cfg.hidden_cache_dir, f"positions-{key.hexdigest()[:16]}.npz")
-  if os.path.isfile(path):
-    with np.load(path) as stored:
-      return {k: stored[k] for k in stored.files}
-  positions = cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size)
-  os.makedirs(cfg.hidden_cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **positions)
-  os.replace(tmp, path)
-  return positions
+  model_key = hashlib.sha256("\0".join((cfg.model, cfg.compute_dtype, str(cfg.num_heads))).encode())
+  folder = os.path.join(cfg.hidden_cache_dir, f"positions-{model_key.hexdigest()[:16]}")
+  keys = [hashlib.sha256(np.ascontiguousarray(t).tobytes() + np.ascontiguousarray(m).tobytes())
+          .hexdigest()[:32] for t, m in zip(tokens, mask)]
+  stored = {}  # row key -> its positions
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+    if not name.endswith(".npz"):
+      continue
+    with np.load(os.path.join(folder, name)) as shard:
+      rows = np.split(np.arange(len(shard["hidden"])), np.cumsum(shard["counts"])[:-1])
+      arrays = {k: shard[k] for k in ("hidden", "targets", "valid")}
+      for key, idx in zip(shard["keys"].tolist(), rows):
+        stored[key] = {k: v[idx] for k, v in arrays.items()}
+  missing = list({key: i for i, key in enumerate(keys) if key not in stored}.values())
+  if missing:
+    new = _row_positions(base_graphdef, base_state, tokens[missing], mask[missing], cfg.num_heads,
+                         cfg.batch_size)
+    shard = {"keys": np.asarray([keys[i] for i in missing]),
+             "counts": np.asarray([len(p["hidden"]) for p in new])} | _concat(new)
+    os.makedirs(folder, exist_ok=True)
+    name = hashlib.sha256("".join(shard["keys"].tolist()).encode()).hexdigest()[:16]
+    tmp = os.path.join(folder, f"{name}.tmp.npz")
+    np.savez(tmp, **shard)
+    os.replace(tmp, os.path.join(folder, f"{name}.npz"))
+    stored.update(zip(shard["keys"].tolist(), new))
+  return _concat([stored[key] for key in keys])
 
 
 def _checkpoint_manager(cfg: TrainConfig):
@@ -124,6 +151,8 @@ class TrainSetup:
   shardings: Any               # of (params, opt_state)
   step: Callable               # step(params, opt_state, base_state, batch)
   evaluate: Callable           # evaluate(params, base_state, batch)
+  data: tuple | None           # prepare_data's (train tokens, mask, eval tokens, mask); None without data
+  draft_ids: np.ndarray | None  # the heads' drafting vocabulary in training (None: whole vocabulary)
 
 
 def _load_initial_heads(heads: MedusaHeads, path: str, base: Llama) -> None:
@@ -156,6 +185,12 @@ def setup(cfg: TrainConfig) -> TrainSetup:
                                 seed=cfg.seed, param_dtype=jnp.float32)
   if cfg.init_heads:
     _load_initial_heads(heads, cfg.init_heads, loaded.model)
+  data = prepare_data(cfg, loaded.tokenizer, loaded.model.config.pad_token_id) if cfg.data else None
+  draft_ids = None
+  if cfg.draft_vocab:
+    if data is None:
+      raise MedusaError("draft_vocab needs training data (its answers' tokens): set data=FILE")
+    draft_ids = draft_vocab.rank_by_frequency([data[0][data[1]]])[0][: cfg.draft_vocab]
   heads_graphdef, heads_state = nnx.split(heads)
   base_graphdef, base_state = nnx.split(loaded.model)
   base_state = shard_state(base_state, mesh)
@@ -165,9 +200,9 @@ def setup(cfg: TrainConfig) -> TrainSetup:
   shardings = committed_shardings((params, opt_state), mesh)
   # Own copies: the step donates them, and some alias the frozen backbone or each other.
   params, opt_state = jax.device_put((params, opt_state), shardings, may_alias=False)
-  step, evaluate = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg, shardings)
+  step, evaluate = make_train_step(heads_graphdef, base_graphdef, optimizer, cfg, shardings, draft_ids)
   return TrainSetup(mesh, loaded, base_graphdef, base_state, params, opt_state, shardings, step,
-                    evaluate)
+                    evaluate, data, draft_ids)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -182,8 +217,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   mesh, base_graphdef, base_state = run.mesh, run.base_graphdef, run.base_state
   params, opt_state, shardings, step_fn, eval_fn = (run.params, run.opt_state, run.shardings,
                                                     run.step, run.evaluate)
-  tokens, mask, ev_tokens, ev_mask = prepare_data(cfg, run.loaded.tokenizer,
-                                                  run.loaded.model.config.pad_token_id)
+  if run.data is None:
+    raise MedusaError("no training data: set data=FILE")
+  tokens, mask, ev_tokens, ev_mask = run.data
 
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size

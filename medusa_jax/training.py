@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from medusa_jax.draft_vocab import DraftVocab
 from medusa_jax.heads import MedusaHeads
 from medusa_jax.llama import Llama
 from medusa_jax.train_config import TrainConfig
@@ -35,6 +36,7 @@ class StepMetrics:
   top1: jax.Array    # `[num_heads]` hits
   top5: jax.Array    # `[num_heads]` hits
   count: jax.Array   # `[num_heads]` counted positions
+  scored: jax.Array  # `[num_heads]` of those whose target has a logit (all without a drafting vocabulary)
   lm_sum: jax.Array | None = None    # Medusa-2: summed L_LM over its positions (scalar)
   lm_count: jax.Array | None = None  # Medusa-2: positions counted in lm_sum
 
@@ -70,29 +72,46 @@ def _chunked_sum(fn, xs: tuple, chunk: int) -> tuple:
   return jax.lax.scan(body, zeros, xs)[0]
 
 
-def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array):
-  """Summed CE, top-1 and top-5 hits over valid positions. logits `[n, vocab]`, targets/valid `[n]`."""
+def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array, scored: jax.Array | None = None):
+  """Summed CE over `scored` positions (default: `valid`; those whose target has a logit), and
+  top-1 and top-5 hits, which only scored positions can make. logits `[n, vocab]`, the rest `[n]`."""
+  scored = valid if scored is None else scored
   target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
   rank = jnp.sum(logits > target_logit[:, None], axis=-1)
-  v = valid.astype(jnp.float32)
-  return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
+  s = scored.astype(jnp.float32)
+  return jnp.sum(ce * s), jnp.sum((rank < 1) * s), jnp.sum((rank < 5) * s)
 
 
 def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
-               valid: jax.Array, decay: float, chunk: int) -> StepMetrics:
+               valid: jax.Array, decay: float, chunk: int,
+               draft_ids: np.ndarray | None = None) -> StepMetrics:
   """Positions' backbone hidden states `[n, embed]`, each head's target and validity
-  `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order."""
+  `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order.
+
+  With `draft_ids` `[Vd]` (a drafting vocabulary) the heads' softmax runs over those ids only, as
+  decoding uses them: the vocab projection costs `Vd / vocab` of the full one. A target outside
+  them has no logit: it adds no loss and counts as a miss in top-1/top-5."""
   feats = heads.hidden(hidden)  # [K, n, e]
-  ces, top1s, top5s, counts = [], [], [], []
+  if draft_ids is None:
+    project, scored = (lambda k, f: heads.project(k, f, base)), valid
+  else:
+    draft = DraftVocab.build(base, heads, draft_ids)
+    project = draft.project
+    targets, present = draft.index(targets, base.config.vocab_size)
+    scored = valid & present
+  ces, top1s, top5s, counts, scored_counts = [], [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for k in range(heads.config.num_heads):
-    ce, top1, top5 = _chunked_sum(lambda f, t, v, k=k: _ce_sums(heads.project(k, f, base), t, v),
-                                  (feats[k], targets[:, k], valid[:, k]), chunk)
+    ce, top1, top5 = _chunked_sum(lambda f, t, v, s, k=k: _ce_sums(project(k, f), t, v, s),
+                                  (feats[k], targets[:, k], valid[:, k], scored[:, k]), chunk)
     count = jnp.sum(valid[:, k]).astype(jnp.float32)
-    loss = loss + (decay ** k) * ce / jnp.maximum(count, 1.0)
+    scored_count = jnp.sum(scored[:, k]).astype(jnp.float32)
+    loss = loss + (decay ** k) * ce / jnp.maximum(scored_count, 1.0)
     ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
-  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts))
+    scored_counts.append(scored_count)
+  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts),
+                     jnp.stack(scored_counts))
 
 
 def lm_loss(model: Llama, teacher: Llama, hidden: jax.Array, teacher_hidden: jax.Array | None,
@@ -139,7 +158,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
-                    state_shardings=None):
+                    state_shardings=None, draft_ids: np.ndarray | None = None):
   """Jitted `step(params, opt_state, base_state, batch) -> (params, opt_state, metrics)` and
   `evaluate(params, base_state, batch) -> metrics`. With `state_shardings` (of `(params,
   opt_state)`) the step returns its state in exactly those shardings (one compilation for the run)
@@ -148,7 +167,8 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
   `params` holds pure parameter dicts: `{"heads"}` (Medusa-1) or `{"heads", "backbone"}` (Medusa-2);
   `base_state` is the frozen original backbone. `batch` holds packed sequences (`tokens`, `mask`
   `[b, seq]`: the backbone runs in the step) or, for Medusa-1, cached positions (`hidden`
-  `[n, embed]`, `targets`, `valid` `[n, num_heads]`, from `position_targets`)."""
+  `[n, embed]`, `targets`, `valid` `[n, num_heads]`, from `position_targets`). `draft_ids`: the
+  heads' drafting vocabulary, the ids their softmax runs over (None: the whole vocabulary)."""
 
   def loss_fn(params, base_state, batch):
     heads = nnx.merge(heads_graphdef, params["heads"])
@@ -158,7 +178,7 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
         hidden = jax.lax.stop_gradient(backbone_hidden(frozen, batch["tokens"]))
         batch = position_targets(hidden, batch["tokens"], batch["mask"], cfg.num_heads)
       metrics = heads_loss(heads, frozen, batch["hidden"], batch["targets"], batch["valid"],
-                           cfg.decay, cfg.vocab_chunk)
+                           cfg.decay, cfg.vocab_chunk, draft_ids)
       return metrics.loss, metrics
     model = nnx.merge(base_graphdef, params["backbone"])
     tokens, mask = batch["tokens"], batch["mask"]
@@ -166,7 +186,7 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
     teacher_hidden = backbone_hidden(frozen, tokens) if cfg.lm_loss == "kl" else None
     pos = position_targets(hidden, tokens, mask, cfg.num_heads)
     metrics = heads_loss(heads, model, pos["hidden"], pos["targets"], pos["valid"], cfg.decay,
-                         cfg.vocab_chunk)
+                         cfg.vocab_chunk, draft_ids)
     lm_sum, lm_count = lm_loss(model, frozen, hidden, teacher_hidden, tokens, mask, cfg.lm_loss,
                                cfg.vocab_chunk)
     loss = lm_sum / jnp.maximum(lm_count, 1.0) + cfg.heads_weight * metrics.loss
@@ -204,7 +224,7 @@ def summarize(metrics: StepMetrics) -> dict:
   count = np.maximum(np.asarray(m.count), 1.0)
   out = {
       "loss": float(m.loss),
-      "head_loss": (np.asarray(m.ce) / count).round(5).tolist(),
+      "head_loss": (np.asarray(m.ce) / np.maximum(np.asarray(m.scored), 1.0)).round(5).tolist(),
       "top1": (np.asarray(m.top1) / count).round(5).tolist(),
       "top5": (np.asarray(m.top5) / count).round(5).tolist(),
       "tokens": int(np.asarray(m.count)[0]),

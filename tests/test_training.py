@@ -20,8 +20,8 @@ from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.loading import random_model
 from medusa_jax.train_config import load_config
-from medusa_jax.trainer import cache_positions, train, trained_model
-from medusa_jax.training import head_targets, lm_loss, make_optimizer, make_train_step
+from medusa_jax.trainer import cache_positions, setup, train, trained_model
+from medusa_jax.training import heads_loss, head_targets, lm_loss, make_optimizer, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -107,6 +107,57 @@ def test_cache_hidden_training_loss_falls(tmp_path):
   assert _metrics(tmp_path, "eval")
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_draft_vocab_loss_is_the_softmax_over_those_ids(share):
+  """heads_loss over a drafting vocabulary equals CE and top-k computed in NumPy from the full
+  logits' columns at those ids; a target outside them adds no loss and counts as a miss."""
+  base = random_model(preset("tiny"), seed=0)
+  heads = MedusaHeads.for_model(base, HeadsConfig(2, 1, share), seed=1)
+  vocab = base.config.vocab_size
+  rng = np.random.default_rng(0)
+  ids = rng.permutation(vocab)[: vocab // 3].astype(np.int32)
+  hidden = jnp.asarray(rng.normal(size=(37, base.config.hidden_size)), jnp.float32)
+  targets = rng.integers(0, vocab, (37, 2)).astype(np.int32)
+  targets[:12, 0] = ids[rng.integers(0, len(ids), 12)]  # some targets inside the set, most outside
+  targets[:20, 1] = ids[rng.integers(0, len(ids), 20)]
+  valid = rng.random((37, 2)) < 0.9
+  got = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
+                   draft_ids=ids)
+  full = np.asarray(heads(hidden, base))  # [2, 37, vocab]
+  column = {int(t): i for i, t in enumerate(ids)}
+  loss = 0.0
+  for k in range(2):
+    logits = full[k][:, ids]
+    logp = _log_softmax(logits)
+    ce, hits1, hits5, scored = 0.0, 0, 0, 0
+    for n in range(37):
+      if not valid[n, k] or int(targets[n, k]) not in column:
+        continue
+      c = column[int(targets[n, k])]
+      rank = int(np.sum(logits[n] > logits[n, c]))
+      ce, hits1, hits5, scored = ce - logp[n, c], hits1 + (rank < 1), hits5 + (rank < 5), scored + 1
+    np.testing.assert_allclose(got.ce[k], ce, rtol=1e-4)
+    assert (got.top1[k], got.top5[k], got.scored[k], got.count[k]) == (hits1, hits5, scored, valid[:, k].sum())
+    loss += 0.5 ** k * ce / scored
+  np.testing.assert_allclose(got.loss, loss, rtol=1e-4)
+
+
+def test_draft_vocab_training_uses_the_most_frequent_answer_tokens(tmp_path):
+  """`draft_vocab=N`: the training answers' N most frequent tokens (counted by hand here) are the
+  heads' softmax, and the loss falls."""
+  import collections
+
+  cfg = _config(tmp_path, "draft_vocab=10", "max_steps=30", "log_every=5", "eval_every=0")
+  run = setup(cfg)
+  tokens, mask = run.data[:2]
+  counts = collections.Counter(int(t) for t in tokens[mask])
+  assert len(counts) > 10
+  assert run.draft_ids.tolist() == sorted(counts, key=lambda t: (-counts[t], t))[:10]
+  train(cfg, progress=False)
+  losses = [r["loss"] for r in _metrics(tmp_path)]
+  assert losses[-1] < 0.8 * losses[0], losses  # 10 classes: a lower floor than the whole vocabulary
+
+
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -163,15 +214,48 @@ def test_hidden_cache_dir_is_reused(tmp_path, monkeypatch):
   common = ["cache_hidden=true", "batch_size=2", "max_steps=4", "log_every=2", "eval_every=4",
             f"hidden_cache_dir={tmp_path / 'cache'}"]
   train(_config(tmp_path / "a", *common), progress=False)
-  assert len(os.listdir(tmp_path / "cache")) == 2  # train and eval positions
+  folder, = (tmp_path / "cache").iterdir()
+  assert len(list(folder.glob("*.npz"))) == 2  # train and eval rows
 
   def recompute(*args, **kwargs):
     raise AssertionError("hidden states recomputed")
 
-  monkeypatch.setattr(trainer, "cache_positions", recompute)
+  monkeypatch.setattr(trainer, "_row_positions", recompute)
   train(_config(tmp_path / "b", *common), progress=False)
   assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
   assert _metrics(tmp_path / "b", "eval") == _metrics(tmp_path / "a", "eval")
+
+
+def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
+  """Grown data: rows stored by an earlier run are read back, only the new conversations run
+  through the backbone, and the positions equal a fresh computation of all rows."""
+  import medusa_jax.trainer as trainer
+
+  with open(os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")) as f:
+    convs = json.load(f)
+  first, grown = tmp_path / "first.json", tmp_path / "grown.json"
+  first.write_text(json.dumps(convs[:40]))
+  grown.write_text(json.dumps(convs))
+  cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"data={first}", "cache_hidden=true",
+                           "eval_fraction=0", f"hidden_cache_dir={tmp_path / 'cache'}"])
+  run = trainer.setup(cfg)
+  tokens, mask = run.data[:2]
+  trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  computed = []
+  real = trainer._row_positions
+
+  def counting(graphdef, state, t, m, *args):
+    computed.append(len(t))
+    return real(graphdef, state, t, m, *args)
+
+  monkeypatch.setattr(trainer, "_row_positions", counting)
+  cfg.data = [str(grown)]
+  tokens, mask = trainer.prepare_data(cfg, run.loaded.tokenizer, 0)[:2]
+  got = trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  assert computed == [24]
+  want = cache_positions(run.base_graphdef, run.base_state, tokens, mask, cfg.num_heads, 4)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["medusa1", "medusa2"])
@@ -221,6 +305,8 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["method=medusa3"], "'method' must be one of medusa1, medusa2"),
     (["method=medusa2", "lm_loss=mse"], "'lm_loss' must be one of kl, ce"),
     (["method=medusa2", "cache_hidden=true"], "cache_hidden needs method medusa1"),
+    (["draft_vocab=-1"], "draft_vocab must be >= 0"),
+    (["data=[]", "draft_vocab=8"], "draft_vocab needs training data"),
 ])
 def test_bad_config(tmp_path, overrides, message):
   with pytest.raises(MedusaError, match=message):
