@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.draft_vocab import DEFAULT_SIZE  # noqa: E402
 
 
 @main_guard
@@ -26,9 +27,12 @@ def main(argv=None):
   p.add_argument("--format", required=True, choices=["medusa", "vllm", "hf-llama"])
   p.add_argument("--out", required=True)
   p.add_argument("--force", action="store_true")
+  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
+                 help="the N most frequent ids of the heads' draft_vocab.json become vllm's token_map "
+                      "(medusa: a draft_vocab.json beside them); 0: the whole vocabulary")
   args = p.parse_args(argv)
   quiet_logs()
-  from medusa_jax import MedusaError, loading
+  from medusa_jax import MedusaError, draft_vocab, loading
   from medusa_jax.export import export, read_heads
 
   loaded = loading.load(args.model)
@@ -36,8 +40,9 @@ def main(argv=None):
   if args.heads == "default" and heads_path is None:
     raise MedusaError(f"no shipped heads for {args.model}; give --heads DIR")
   heads = read_heads(heads_path, loaded.model) if heads_path else None
+  ids = draft_vocab.read(heads_path, args.draft_vocab) if heads_path else None
   export(args.format, args.out, model=loaded.model, heads=heads, base_name=loaded.name,
-         tokenizer=loaded.tokenizer, force=args.force)
+         tokenizer=loaded.tokenizer, force=args.force, draft_ids=ids)
   print(f"wrote {args.format} to {args.out}")
 
 

@@ -43,10 +43,12 @@ def rank_by_frequency(token_lists: Iterable[Sequence[int]]) -> tuple[np.ndarray,
   return np.asarray(ranked, np.int32), sum(counts.values())
 
 
-def save(heads_dir: str, ids: np.ndarray, tokens_counted: int) -> None:
+def save(heads_dir: str, ids: np.ndarray, tokens_counted: int | None = None) -> None:
   """Writes `heads_dir/draft_vocab.json` (atomically)."""
-  write_text(os.path.join(heads_dir, FILE), json.dumps(
-      {"ids": [int(i) for i in ids], "tokens_counted": int(tokens_counted)}))
+  content = {"ids": [int(i) for i in ids]}
+  if tokens_counted is not None:
+    content["tokens_counted"] = int(tokens_counted)
+  write_text(os.path.join(heads_dir, FILE), json.dumps(content))
 
 
 def read(heads_dir: str | None, size: int | None) -> np.ndarray | None:
@@ -65,6 +67,17 @@ def read(heads_dir: str | None, size: int | None) -> np.ndarray | None:
   return ids if size is None else ids[:size]
 
 
+def check(ids: Sequence[int], vocab_size: int, topk: int = 1) -> np.ndarray:
+  """`ids` as an array, or a one-line error unless they are at least `topk` distinct ids of the
+  vocabulary."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or len(ids) < topk or len(set(ids.tolist())) != len(ids):
+    raise MedusaError(f"a drafting vocabulary needs at least {topk} distinct token ids, got {len(ids)}")
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise MedusaError(f"drafting vocabulary holds a token id outside [0, {vocab_size})")
+  return ids
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DraftVocab:
@@ -76,13 +89,7 @@ class DraftVocab:
   @classmethod
   def build(cls, model: Llama, heads: MedusaHeads, ids: Sequence[int], topk: int = 1) -> "DraftVocab":
     """Gathers the `ids` columns of the heads' vocab projection (the base lm_head when shared)."""
-    ids = np.asarray(ids)
-    vocab = model.config.vocab_size
-    if ids.ndim != 1 or len(ids) < topk or len(set(ids.tolist())) != len(ids):
-      raise MedusaError(f"a drafting vocabulary needs at least {topk} distinct token ids, got {len(ids)}")
-    if ids.min() < 0 or ids.max() >= vocab:
-      raise MedusaError(f"drafting vocabulary holds a token id outside [0, {vocab})")
-    ids = jnp.asarray(ids, jnp.int32)
+    ids = jnp.asarray(check(ids, model.config.vocab_size, topk), jnp.int32)
     if heads.lm_heads is not None:
       kernels = jnp.stack([jnp.take(lm.kernel[...], ids, axis=1) for lm in heads.lm_heads])
     elif model.lm_head is None:

@@ -3,7 +3,8 @@
 - `medusa`: Medusa v0.1 / TGI directory (see `heads_io`), per-head lm_head always written
   (copies of the base lm_head when training shared it).
 - `vllm`: `config.json` with `model_type: medusa` + `model.safetensors` holding
-  `blocks.{h}.layers.{l}.weight|bias` and `lm_heads.{h}.weight`.
+  `blocks.{h}.layers.{l}.weight|bias` and `lm_heads.{h}.weight`; with a drafting vocabulary, also
+  `token_map` (its ids) and `truncated_vocab_size`, from which vLLM's Medusa proposes only those ids.
 - `hf-llama`: the backbone as a Hugging Face Llama directory (config.json, model.safetensors,
   tokenizer files where known).
 `read_heads` reads any of these or an orbax training directory. Writes are atomic (a temporary
@@ -18,6 +19,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import draft_vocab
 from medusa_jax.atomic import atomic_dir
 from medusa_jax.errors import MedusaError
 from medusa_jax.heads import HeadsConfig, MedusaHeads
@@ -43,7 +45,9 @@ def medusa_tensors(heads: MedusaHeads, model: Llama) -> dict[str, np.ndarray]:
 
 
 def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_name: str,
-           tokenizer=None, force: bool = False) -> None:
+           tokenizer=None, force: bool = False, draft_ids: np.ndarray | None = None) -> None:
+  """Writes `fmt` to `out`. `draft_ids`: the heads' drafting vocabulary (vllm's `token_map`; a
+  `draft_vocab.json` in medusa format), None for the whole vocabulary."""
   from safetensors.numpy import save_file
 
   if fmt not in FORMATS:
@@ -51,9 +55,13 @@ def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_
   if fmt != "hf-llama" and heads is None:
     raise MedusaError(f"format {fmt} needs heads (--heads)")
   c = model.config
+  if draft_ids is not None:
+    draft_ids = draft_vocab.check(draft_ids, c.vocab_size)
   with atomic_dir(out, force=force) as tmp:
     if fmt == "medusa":
       save_file(medusa_tensors(heads, model), os.path.join(tmp, WEIGHTS))
+      if draft_ids is not None:
+        draft_vocab.save(tmp, draft_ids)
       config = {"base_model_name_or_path": base_name, "medusa_num_heads": heads.config.num_heads,
                 "medusa_num_layers": heads.config.num_layers, "hidden_size": c.hidden_size,
                 "vocab_size": c.vocab_size}
@@ -65,11 +73,14 @@ def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_
         for l in range(n):
           tensors[f"blocks.{h}.layers.{l}.weight"] = src[f"{h}.{l}.linear.weight"]
           tensors[f"blocks.{h}.layers.{l}.bias"] = src[f"{h}.{l}.linear.bias"]
-        tensors[f"lm_heads.{h}.weight"] = src[f"{h}.{n}.weight"]
+        tensors[f"lm_heads.{h}.weight"] = src[f"{h}.{n}.weight"]  # vLLM keeps the token_map rows
+      if draft_ids is not None:
+        tensors["token_map"] = np.asarray(draft_ids, np.int64)
       save_file(tensors, os.path.join(tmp, "model.safetensors"))
       config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": c.hidden_size,
                 "vocab_size": c.vocab_size, "num_heads": heads.config.num_heads,
-                "num_hidden_layers": n, "medusa_fc_bias": True, "truncated_vocab_size": None,
+                "num_hidden_layers": n, "medusa_fc_bias": True,
+                "truncated_vocab_size": None if draft_ids is None else len(draft_ids),
                 "base_model_name_or_path": base_name}
     else:
       save_file(llama_to_hf(model), os.path.join(tmp, "model.safetensors"))

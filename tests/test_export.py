@@ -3,6 +3,7 @@ independent PyTorch implementation; the exported backbone loads in transformers;
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from medusa_jax import MedusaError
 from medusa_jax.config import preset
-from medusa_jax.export import export, read_heads
+from medusa_jax.export import export, medusa_tensors, read_heads
 from medusa_jax.heads import HeadsConfig
 from medusa_jax.heads_io import heads_to_tensors
 from medusa_jax.loading import load_hf_dir, random_model
@@ -71,6 +72,44 @@ def test_medusa_export_matches_independent_pytorch_heads(tmp_path):
       hidden, _ = base.hidden_states(jnp.asarray(tokens), jnp.arange(12)[None].repeat(2, 0))
       ours = np.asarray(heads(hidden, base)[k])
       assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_vllm_token_map_proposes_what_our_drafting_vocabulary_does(tmp_path, share):
+  """vLLM's Medusa with `token_map` (re-implemented here in PyTorch after its loader: lm_head rows
+  at the map, logits scattered back into the vocabulary) proposes the same top-1 tokens as our
+  heads over the same drafting vocabulary; the medusa format keeps the ids in draft_vocab.json."""
+  from safetensors.torch import load_file
+
+  from medusa_jax import draft_vocab
+  from medusa_jax.draft_vocab import DraftVocab
+
+  base = random_model(preset("tiny"), seed=2)
+  heads = random_heads(base, HeadsConfig(3, 1, share), scale=0.1)
+  vocab = base.config.vocab_size
+  ids = np.random.default_rng(0).permutation(vocab)[:100]
+  export("vllm", str(tmp_path / "v"), model=base, heads=heads, base_name="tiny", draft_ids=ids)
+  export("medusa", str(tmp_path / "m"), model=base, heads=heads, base_name="tiny", draft_ids=ids)
+  np.testing.assert_array_equal(draft_vocab.read(str(tmp_path / "m"), None), ids)
+  with open(tmp_path / "v" / "config.json") as f:
+    assert json.load(f)["truncated_vocab_size"] == 100
+  w = load_file(str(tmp_path / "v" / "model.safetensors"))
+  token_map = w["token_map"]
+  assert token_map.dtype == torch.int64
+  hidden = np.random.default_rng(1).normal(size=(7, base.config.hidden_size)).astype(np.float32)
+  ours = np.asarray(DraftVocab.build(base, heads, ids).top_k(heads.hidden(jnp.asarray(hidden)), 1))[..., 0]
+  for h in range(3):
+    x = torch.tensor(hidden)
+    x = x + torch.nn.functional.silu(x @ w[f"blocks.{h}.layers.0.weight"].T + w[f"blocks.{h}.layers.0.bias"])
+    logits = x @ w[f"lm_heads.{h}.weight"][token_map].T
+    full = torch.full((7, vocab), -torch.inf)
+    full[:, token_map] = logits
+    np.testing.assert_array_equal(full.argmax(-1).numpy(), ours[h])
+  again = read_heads(str(tmp_path / "v"), base)  # our reader still takes the full lm_heads
+  np.testing.assert_array_equal(again.lm_heads[0].kernel[...], medusa_tensors(heads, base)["0.1.weight"].T)
+  with pytest.raises(MedusaError, match="outside"):
+    export("vllm", str(tmp_path / "bad"), model=base, heads=heads, base_name="tiny", draft_ids=[vocab])
+  assert not (tmp_path / "bad").exists()
 
 
 def test_hf_llama_export_loads_in_transformers_and_back(tmp_path):
