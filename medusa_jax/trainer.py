@@ -100,13 +100,13 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
           .hexdigest()[:32] for t, m in zip(tokens, mask)]
   stored = {}  # row key -> its positions
   for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-    if not name.endswith(".npz"):
+    if not name.endswith(".npz") or name.endswith(".tmp.npz"):  # skip a killed run's partial write
       continue
     with np.load(os.path.join(folder, name)) as shard:
-      rows = np.split(np.arange(len(shard["hidden"])), np.cumsum(shard["counts"])[:-1])
       arrays = {k: shard[k] for k in ("hidden", "targets", "valid")}
-      for key, idx in zip(shard["keys"].tolist(), rows):
-        stored[key] = {k: v[idx] for k, v in arrays.items()}
+      ends = np.cumsum(shard["counts"])
+      for key, start, end in zip(shard["keys"].tolist(), ends - shard["counts"], ends):
+        stored[key] = {k: v[start:end] for k, v in arrays.items()}  # views, not copies
   missing = list({key: i for i, key in enumerate(keys) if key not in stored}.values())
   if missing:
     new = _row_positions(base_graphdef, base_state, tokens[missing], mask[missing], cfg.num_heads,

@@ -72,15 +72,13 @@ def _chunked_sum(fn, xs: tuple, chunk: int) -> tuple:
   return jax.lax.scan(body, zeros, xs)[0]
 
 
-def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array, scored: jax.Array | None = None):
-  """Summed CE over `scored` positions (default: `valid`; those whose target has a logit), and
-  top-1 and top-5 hits, which only scored positions can make. logits `[n, vocab]`, the rest `[n]`."""
-  scored = valid if scored is None else scored
+def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array):
+  """Summed CE, top-1 and top-5 hits over valid positions. logits `[n, vocab]`, targets/valid `[n]`."""
   target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
   rank = jnp.sum(logits > target_logit[:, None], axis=-1)
-  s = scored.astype(jnp.float32)
-  return jnp.sum(ce * s), jnp.sum((rank < 1) * s), jnp.sum((rank < 5) * s)
+  v = valid.astype(jnp.float32)
+  return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
 
 
 def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
@@ -103,8 +101,8 @@ def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.
   ces, top1s, top5s, counts, scored_counts = [], [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for k in range(heads.config.num_heads):
-    ce, top1, top5 = _chunked_sum(lambda f, t, v, s, k=k: _ce_sums(project(k, f), t, v, s),
-                                  (feats[k], targets[:, k], valid[:, k], scored[:, k]), chunk)
+    ce, top1, top5 = _chunked_sum(lambda f, t, s, k=k: _ce_sums(project(k, f), t, s),
+                                  (feats[k], targets[:, k], scored[:, k]), chunk)
     count = jnp.sum(valid[:, k]).astype(jnp.float32)
     scored_count = jnp.sum(scored[:, k]).astype(jnp.float32)
     loss = loss + (decay ** k) * ce / jnp.maximum(scored_count, 1.0)

@@ -249,6 +249,8 @@ def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
     return real(graphdef, state, t, m, *args)
 
   monkeypatch.setattr(trainer, "_row_positions", counting)
+  folder, = (tmp_path / "cache").iterdir()
+  (folder / "killed.tmp.npz").write_bytes(b"half-written")  # a killed run's partial shard is ignored
   cfg.data = [str(grown)]
   tokens, mask = trainer.prepare_data(cfg, run.loaded.tokenizer, 0)[:2]
   got = trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
