@@ -87,10 +87,12 @@ class DraftVocab:
   kernels: jax.Array  # `[1 or num_heads, embed, Vd]`: one kernel shared by all heads, or one each
 
   @classmethod
-  def build(cls, model: Llama, heads: MedusaHeads, ids: Sequence[int], topk: int = 1) -> "DraftVocab":
-    """Gathers the `ids` columns of the heads' vocab projection (the base lm_head when shared)."""
+  def build(cls, model: Llama, heads: MedusaHeads | None, ids: Sequence[int],
+            topk: int = 1) -> "DraftVocab":
+    """Gathers the `ids` columns of the heads' vocab projection (the base lm_head when shared, or
+    when `heads` is None)."""
     ids = jnp.asarray(check(ids, model.config.vocab_size, topk), jnp.int32)
-    if heads.lm_heads is not None:
+    if heads is not None and heads.lm_heads is not None:
       kernels = jnp.stack([jnp.take(lm.kernel[...], ids, axis=1) for lm in heads.lm_heads])
     elif model.lm_head is None:
       kernels = jnp.take(model.embed.embedding[...], ids, axis=0).T[None]

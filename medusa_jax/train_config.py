@@ -55,6 +55,9 @@ class TrainConfig:
   draft_vocab: int = 0               # heads' softmax over the N most frequent answer tokens of the
                                      # training data (their drafting vocabulary, as decoding uses
                                      # them); 0: the whole vocabulary
+  teacher_top_k: int = 0             # Medusa-1: head k learns the base model's own next-token
+                                     # distribution at its target (top-k tokens, renormalised;
+                                     # teacher distillation); 0: the data's token
   hidden_cache_dir: str = ""         # with cache_hidden: keep those hidden states here and reuse them
                                      # in later runs on the same model and data (e.g. head sweeps)
   seed: int = 0
@@ -125,5 +128,9 @@ def _check_choices(config: TrainConfig) -> None:
                         f"got {getattr(config, key)!r}")
   if config.draft_vocab < 0:
     raise MedusaError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {config.draft_vocab}")
+  if config.teacher_top_k < 0:
+    raise MedusaError(f"teacher_top_k must be >= 0 (0: the data's tokens), got {config.teacher_top_k}")
+  if config.teacher_top_k and config.method != "medusa1":
+    raise MedusaError("teacher_top_k needs method medusa1 (the frozen backbone is the teacher)")
   if config.cache_hidden and config.method != "medusa1":
     raise MedusaError("cache_hidden needs method medusa1 (a frozen backbone)")

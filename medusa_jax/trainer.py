@@ -26,8 +26,9 @@ from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.llama import Llama
 from medusa_jax.sharding import batch_sharding, committed_shardings, make_mesh, shard_state
 from medusa_jax.train_config import TrainConfig
-from medusa_jax.training import (backbone_hidden, make_optimizer, make_train_step, position_targets,
-                                 summarize)
+from medusa_jax.training import (backbone_hidden, head_targets, make_optimizer, make_train_step,
+                                 position_targets, soft_head_targets, summarize,
+                                 teacher_distribution)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, pad_id: int):
@@ -120,6 +121,39 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
     os.replace(tmp, os.path.join(folder, f"{name}.npz"))
     stored.update(zip(shard["keys"].tolist(), new))
   return _concat([stored[key] for key in keys])
+
+
+def _cached_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids, tokens: np.ndarray,
+                         mask: np.ndarray, positions: dict, rows_per_chunk: int = 256,
+                         positions_per_chunk: int = 8192) -> dict:
+  """Teacher targets for cached positions (`cache_positions` of `tokens`/`mask`): {"soft_ids",
+  "soft_probs" `[n, num_heads, teacher_top_k]`}. The teacher runs on the cached hidden states; a
+  head's teacher position that is not cached (the one before an answer's last token) falls back to
+  the hard target."""
+  teacher = jax.jit(lambda s, h: teacher_distribution(nnx.merge(base_graphdef, s), h, draft_ids,
+                                                      cfg.teacher_top_k))
+  hidden = positions["hidden"]
+  chunks = [jax.device_get(teacher(base_state, jnp.asarray(  # fixed-size chunks: one compilation
+      np.resize(hidden[i: i + positions_per_chunk], (positions_per_chunk, hidden.shape[1])))))
+      for i in range(0, len(hidden), positions_per_chunk)]
+  ids, probs = (np.concatenate(part)[: len(hidden)] for part in zip(*chunks))
+  done, out = 0, {"soft_ids": [], "soft_probs": []}
+  for i in range(0, len(tokens), rows_per_chunk):
+    t, m = tokens[i: i + rows_per_chunk], mask[i: i + rows_per_chunk]
+    targets, valid = (np.asarray(x) for x in head_targets(t, m, cfg.num_heads))
+    kept = valid.any(-1)  # the rows' cached positions, in cache order (as `_row_positions` keeps them)
+    n = int(kept.sum())
+    seq_ids = np.zeros(t.shape + ids.shape[1:], ids.dtype)
+    seq_probs = np.zeros(t.shape + probs.shape[1:], probs.dtype)
+    seq_ids[kept], seq_probs[kept] = ids[done: done + n], probs[done: done + n]
+    soft = soft_head_targets(seq_ids, seq_probs, kept, targets)
+    out["soft_ids"].append(np.asarray(soft[0])[kept])
+    out["soft_probs"].append(np.asarray(soft[1])[kept])
+    done += n
+  if done != len(hidden):
+    raise MedusaError(f"cached positions ({len(hidden)}) do not match the data ({done}): "
+                      f"clear {cfg.hidden_cache_dir}")
+  return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _checkpoint_manager(cfg: TrainConfig):
@@ -224,8 +258,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size
   if cfg.cache_hidden:  # steps draw `batch_size * seq_len` labelled positions, not padded rows
-    data, ev_data = (_stored_positions(cfg, base_graphdef, base_state, d["tokens"], d["mask"])
-                     for d in (data, ev_data))
+    positions = [_stored_positions(cfg, base_graphdef, base_state, d["tokens"], d["mask"])
+                 for d in (data, ev_data)]
+    if cfg.teacher_top_k:
+      for p, d in zip(positions, (data, ev_data)):
+        p.update(_cached_soft_targets(cfg, base_graphdef, base_state, run.draft_ids, d["tokens"],
+                                      d["mask"], p))
+    data, ev_data = positions
     per_step = cfg.batch_size * cfg.seq_len
 
   num_rows = len(next(iter(data.values())))  # sequences, or positions with cache_hidden

@@ -1,7 +1,10 @@
 """Head training losses and the jitted train step.
 
 Medusa-1 (`method: medusa1`): frozen backbone, loss = sum_k decay**k * CE(head_k(h_t), x_{t+k+2})
-over positions whose target is an assistant token.
+over positions whose target is an assistant token. With `teacher_top_k: M` (teacher distillation,
+as in Hydra++) head k's target is the base model's own next-token distribution at t+k+1 (its top-M
+tokens, renormalised) instead of the one token x_{t+k+2}: on self-distilled data that token is the
+distribution's argmax, and the rest of the distribution is extra signal per position.
 Medusa-2 (`method: medusa2`): the backbone trains with the heads, loss = L_LM + heads_weight *
 (the Medusa-1 loss), where L_LM is the KL divergence from the frozen original model's next-token
 distribution (`lm_loss: kl`, for self-distilled data) or the next-token CE (`lm_loss: ce`); the
@@ -41,17 +44,50 @@ class StepMetrics:
   lm_count: jax.Array | None = None  # Medusa-2: positions counted in lm_sum
 
 
+def _shifted(x: jax.Array, shift: int) -> jax.Array:
+  """`x[:, t + shift]` at position t (zeros past the end); x `[batch, seq, ...]`."""
+  return jnp.pad(x[:, shift:], [(0, 0), (0, shift)] + [(0, 0)] * (x.ndim - 2))
+
+
 def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int,
                  first_shift: int = 2) -> tuple[jax.Array, jax.Array]:
   """Head k at position t predicts `tokens[t + k + first_shift]` (2 for Medusa heads, 1 for the
   base lm_head), valid where that target is an assistant token. tokens/mask `[batch, seq]` ->
   (targets, valid), each `[batch, seq, num_heads]`."""
-  targets, valid = [], []
-  for k in range(num_heads):
-    shift = k + first_shift
-    targets.append(jnp.pad(tokens[:, shift:], ((0, 0), (0, shift))))
-    valid.append(jnp.pad(mask[:, shift:], ((0, 0), (0, shift))))
-  return jnp.stack(targets, -1), jnp.stack(valid, -1)
+  shifts = range(first_shift, first_shift + num_heads)
+  return (jnp.stack([_shifted(tokens, s) for s in shifts], -1),
+          jnp.stack([_shifted(mask, s) for s in shifts], -1))
+
+
+def teacher_distribution(base: Llama, hidden: jax.Array, draft_ids: np.ndarray | None,
+                         top_k: int) -> tuple[jax.Array, jax.Array]:
+  """The base model's next-token distribution at each position, kept to its `top_k` tokens:
+  hidden `[..., embed]` -> (token ids, probabilities renormalised over them), each `[..., top_k]`.
+  Over the drafting vocabulary `draft_ids` when given (the heads' softmax runs over it)."""
+  if draft_ids is None:
+    top, ids = jax.lax.top_k(base.logits(hidden), top_k)
+  else:
+    draft = DraftVocab.build(base, None, draft_ids)
+    top, cols = jax.lax.top_k(draft.project(0, hidden), top_k)
+    ids = draft.ids[cols]
+  return ids, jax.nn.softmax(top, axis=-1)
+
+
+def soft_head_targets(teacher_ids: jax.Array, teacher_probs: jax.Array, available: jax.Array,
+                      targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Head k at position t learns the teacher's distribution at t + k + 1 (which predicts
+  `tokens[t + k + 2]`, head k's hard target). teacher_ids/probs `[batch, seq, M]` (from
+  `teacher_distribution`), available `[batch, seq]` (where they were computed), targets
+  `[batch, seq, num_heads]` (from `head_targets`) -> (ids, probs) `[batch, seq, num_heads, M]`;
+  where the teacher's position is not available, the hard target with probability 1."""
+  one_hot_probs = jnp.zeros(teacher_probs.shape, teacher_probs.dtype).at[..., 0].set(1.0)
+  ids, probs = [], []
+  for k in range(targets.shape[-1]):
+    ok = _shifted(available, k + 1)[..., None]
+    hard = jnp.zeros(teacher_ids.shape, teacher_ids.dtype).at[..., 0].set(targets[..., k])
+    ids.append(jnp.where(ok, _shifted(teacher_ids, k + 1), hard))
+    probs.append(jnp.where(ok, _shifted(teacher_probs, k + 1), one_hot_probs))
+  return jnp.stack(ids, 2), jnp.stack(probs, 2)
 
 
 def _chunked_sum(fn, xs: tuple, chunk: int) -> tuple:
@@ -72,10 +108,15 @@ def _chunked_sum(fn, xs: tuple, chunk: int) -> tuple:
   return jax.lax.scan(body, zeros, xs)[0]
 
 
-def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array):
-  """Summed CE, top-1 and top-5 hits over valid positions. logits `[n, vocab]`, targets/valid `[n]`."""
+def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array,
+             soft_cols: jax.Array | None = None, soft_probs: jax.Array | None = None):
+  """Summed CE, top-1 and top-5 hits of `targets` over valid positions. logits `[n, vocab]`,
+  targets/valid `[n]`. With soft targets (columns and probabilities `[n, M]`, summing to 1) the CE
+  is against that distribution; hits still count `targets`."""
   target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  expected = target_logit if soft_cols is None else jnp.sum(
+      soft_probs * jnp.take_along_axis(logits, soft_cols, axis=-1), axis=-1)
+  ce = jax.nn.logsumexp(logits, axis=-1) - expected
   rank = jnp.sum(logits > target_logit[:, None], axis=-1)
   v = valid.astype(jnp.float32)
   return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
@@ -83,9 +124,11 @@ def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array):
 
 def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
                valid: jax.Array, decay: float, chunk: int,
-               draft_ids: np.ndarray | None = None) -> StepMetrics:
+               draft_ids: np.ndarray | None = None,
+               soft: tuple[jax.Array, jax.Array] | None = None) -> StepMetrics:
   """Positions' backbone hidden states `[n, embed]`, each head's target and validity
   `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order.
+  `soft`: (ids, probs) `[n, num_heads, M]` from `soft_head_targets`: the CE is against them.
 
   With `draft_ids` `[Vd]` (a drafting vocabulary) the heads' softmax runs over those ids only, as
   decoding uses them: the vocab projection costs `Vd / vocab` of the full one. A target outside
@@ -98,11 +141,16 @@ def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.
     project = draft.project
     targets, present = draft.index(targets, base.config.vocab_size)
     scored = valid & present
+    if soft is not None:
+      cols, in_draft = draft.index(soft[0], base.config.vocab_size)
+      soft = (cols, soft[1] * in_draft)
   ces, top1s, top5s, counts, scored_counts = [], [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for k in range(heads.config.num_heads):
-    ce, top1, top5 = _chunked_sum(lambda f, t, s, k=k: _ce_sums(project(k, f), t, s),
-                                  (feats[k], targets[:, k], scored[:, k]), chunk)
+    xs = (feats[k], targets[:, k], scored[:, k])
+    if soft is not None:
+      xs += (soft[0][:, k], soft[1][:, k])
+    ce, top1, top5 = _chunked_sum(lambda f, *rest, k=k: _ce_sums(project(k, f), *rest), xs, chunk)
     count = jnp.sum(valid[:, k]).astype(jnp.float32)
     scored_count = jnp.sum(scored[:, k]).astype(jnp.float32)
     loss = loss + (decay ** k) * ce / jnp.maximum(scored_count, 1.0)
@@ -174,9 +222,12 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
     if "backbone" not in params:  # Medusa-1
       if "hidden" not in batch:
         hidden = jax.lax.stop_gradient(backbone_hidden(frozen, batch["tokens"]))
-        batch = position_targets(hidden, batch["tokens"], batch["mask"], cfg.num_heads)
+        teacher = (teacher_distribution(frozen, hidden, draft_ids, cfg.teacher_top_k)
+                   if cfg.teacher_top_k else None)
+        batch = position_targets(hidden, batch["tokens"], batch["mask"], cfg.num_heads, teacher)
+      soft = (batch["soft_ids"], batch["soft_probs"]) if "soft_ids" in batch else None
       metrics = heads_loss(heads, frozen, batch["hidden"], batch["targets"], batch["valid"],
-                           cfg.decay, cfg.vocab_chunk, draft_ids)
+                           cfg.decay, cfg.vocab_chunk, draft_ids, soft)
       return metrics.loss, metrics
     model = nnx.merge(base_graphdef, params["backbone"])
     tokens, mask = batch["tokens"], batch["mask"]
@@ -207,12 +258,18 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
   return step, evaluate
 
 
-def position_targets(hidden, tokens, mask, num_heads: int) -> dict:
+def position_targets(hidden, tokens, mask, num_heads: int,
+                     teacher: tuple[jax.Array, jax.Array] | None = None) -> dict:
   """Sequences -> positions: hidden `[b, seq, embed]`, tokens/mask `[b, seq]` -> {"hidden" `[b*seq,
-  embed]`, "targets", "valid" `[b*seq, num_heads]`}."""
+  embed]`, "targets", "valid" `[b*seq, num_heads]`}; with `teacher` (`teacher_distribution` at
+  every position, `[b, seq, M]` each) also "soft_ids", "soft_probs" `[b*seq, num_heads, M]`."""
   targets, valid = head_targets(tokens, mask, num_heads)
-  return {"hidden": hidden.reshape(-1, hidden.shape[-1]),
-          "targets": targets.reshape(-1, num_heads), "valid": valid.reshape(-1, num_heads)}
+  out = {"hidden": hidden.reshape(-1, hidden.shape[-1]),
+         "targets": targets.reshape(-1, num_heads), "valid": valid.reshape(-1, num_heads)}
+  if teacher is not None:
+    ids, probs = soft_head_targets(*teacher, jnp.ones(tokens.shape, bool), targets)
+    out["soft_ids"], out["soft_probs"] = (x.reshape((-1,) + x.shape[2:]) for x in (ids, probs))
+  return out
 
 
 def summarize(metrics: StepMetrics) -> dict:

@@ -20,8 +20,9 @@ from medusa_jax.config import preset
 from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.loading import random_model
 from medusa_jax.train_config import load_config
-from medusa_jax.trainer import cache_positions, setup, train, trained_model
-from medusa_jax.training import heads_loss, head_targets, lm_loss, make_optimizer, make_train_step
+from medusa_jax.trainer import _cached_soft_targets, cache_positions, setup, train, trained_model
+from medusa_jax.training import (backbone_hidden, heads_loss, head_targets, lm_loss, make_optimizer,
+                                 make_train_step, position_targets, teacher_distribution)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -104,6 +105,110 @@ def test_cache_hidden_training_loss_falls(tmp_path):
                 "eval_every=10"), progress=False)
   losses = [r["loss"] for r in _metrics(tmp_path)]
   assert losses[-1] < 0.6 * losses[0], losses
+  assert _metrics(tmp_path, "eval")
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_teacher_targets_are_the_base_distribution_at_t_plus_k_plus_1(draft):
+  """Head k's soft target at t: the top-M of the base model's softmax (over the drafting vocabulary
+  when given) at position t + k + 1, renormalised, from full logits in NumPy; past the end, the
+  hard target."""
+  base = random_model(preset("tiny"), seed=0)
+  vocab, m, num_heads = base.config.vocab_size, 4, 3
+  rng = np.random.default_rng(0)
+  ids = rng.permutation(vocab)[: vocab // 4].astype(np.int32) if draft else None
+  tokens = jnp.asarray(rng.integers(3, vocab, (2, 20)), jnp.int32)
+  mask = jnp.ones(tokens.shape, bool)
+  hidden = backbone_hidden(base, tokens)
+  got = position_targets(hidden, tokens, mask, num_heads,
+                         teacher_distribution(base, hidden, ids, m))
+  got_ids = np.asarray(got["soft_ids"]).reshape(2, 20, num_heads, m)
+  got_probs = np.asarray(got["soft_probs"]).reshape(2, 20, num_heads, m)
+  positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
+  logits = np.asarray(base(tokens, positions)[0], np.float64)  # [2, 20, vocab]
+  columns = np.arange(vocab) if ids is None else ids
+  for b in range(2):
+    for t in range(20):
+      for k in range(num_heads):
+        if t + k + 1 >= 20:
+          assert got_probs[b, t, k, 0] == 1.0 and got_probs[b, t, k, 1:].sum() == 0
+          continue
+        row = logits[b, t + k + 1, columns]
+        top = np.argsort(-row, kind="stable")[:m]
+        probs = np.exp(row[top] - row[top].max())
+        np.testing.assert_array_equal(got_ids[b, t, k], columns[top])
+        np.testing.assert_allclose(got_probs[b, t, k], probs / probs.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_cached_teacher_targets_match_the_sequence_ones(tmp_path):
+  """Teacher targets rebuilt from cached positions (cache_hidden) equal those computed on whole
+  sequences, but where the teacher's position was not cached (before an answer's last token):
+  there the hard target, with probability 1."""
+  cfg = _config(tmp_path, "num_heads=3", "teacher_top_k=4")
+  base = random_model(preset("tiny"), seed=0)
+  bg, bs = nnx.split(base)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 500, (4, 96)).astype(np.int32)
+  mask = np.zeros((4, 96), bool)
+  mask[:, 10:20] = True
+  mask[2, 25:30] = True  # a second answer in one row
+  cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
+  soft = _cached_soft_targets(cfg, bg, bs, None, tokens, mask, cached, rows_per_chunk=3,
+                              positions_per_chunk=16)
+  hidden = backbone_hidden(base, jnp.asarray(tokens))
+  seq = position_targets(hidden, jnp.asarray(tokens), jnp.asarray(mask), 3,
+                         teacher_distribution(base, hidden, None, 4))
+  kept = np.asarray(head_targets(tokens, mask, 3)[1]).any(-1).reshape(-1)
+  seq_ids, seq_probs = np.asarray(seq["soft_ids"])[kept], np.asarray(seq["soft_probs"])[kept]
+  # Position t's head k reads the teacher at t + k + 1. Among valid targets that position is
+  # uncached only just before an answer's last token: 18 in every row, 28 in row 2.
+  t, row = np.tile(np.arange(96), 4)[kept], np.repeat(np.arange(4), 96)[kept]
+  for k in range(3):
+    source = t + k + 1
+    fallback = ~kept.reshape(4, 96)[row, np.minimum(source, 95)] | (source > 95)
+    valid = cached["valid"][:, k]
+    np.testing.assert_array_equal(fallback & valid, valid & ((source == 18) | ((row == 2) & (source == 28))))
+    assert (fallback & valid).sum() == 5
+    np.testing.assert_array_equal(soft["soft_ids"][~fallback, k], seq_ids[~fallback, k])
+    np.testing.assert_allclose(soft["soft_probs"][~fallback, k], seq_probs[~fallback, k], rtol=1e-5)
+    np.testing.assert_array_equal(soft["soft_ids"][fallback, k, 0], cached["targets"][fallback, k])
+    np.testing.assert_array_equal(soft["soft_probs"][fallback, k], [[1, 0, 0, 0]] * fallback.sum())
+
+
+def test_soft_loss_is_the_cross_entropy_against_the_teacher():
+  """heads_loss with soft targets over a drafting vocabulary: -sum_m p_m log q(id_m) in NumPy, with
+  q the heads' softmax over those ids; hits still count the hard targets."""
+  base = random_model(preset("tiny"), seed=0)
+  heads = MedusaHeads.for_model(base, HeadsConfig(2, 1, True), seed=1)
+  vocab = base.config.vocab_size
+  rng = np.random.default_rng(0)
+  ids = rng.permutation(vocab)[:64].astype(np.int32)
+  hidden = jnp.asarray(rng.normal(size=(21, base.config.hidden_size)), jnp.float32)
+  targets = ids[rng.integers(0, 64, (21, 2))]
+  valid = np.ones((21, 2), bool)
+  soft_ids = ids[rng.integers(0, 64, (21, 2, 3))]
+  soft_probs = rng.dirichlet(np.ones(3), (21, 2)).astype(np.float32)
+  got = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
+                   draft_ids=ids, soft=(jnp.asarray(soft_ids), jnp.asarray(soft_probs)))
+  hard = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
+                    draft_ids=ids)
+  full = np.asarray(heads(hidden, base))
+  column = {int(t): i for i, t in enumerate(ids)}
+  for k in range(2):
+    logp = _log_softmax(full[k][:, ids])
+    ce = -sum(soft_probs[n, k, j] * logp[n, column[int(soft_ids[n, k, j])]]
+              for n in range(21) for j in range(3))
+    np.testing.assert_allclose(got.ce[k], ce, rtol=1e-4)
+  np.testing.assert_array_equal(got.top1, hard.top1)
+  np.testing.assert_array_equal(got.top5, hard.top5)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_teacher_distillation_trains(tmp_path, cache):
+  train(_config(tmp_path, "teacher_top_k=4", f"cache_hidden={str(cache).lower()}", "batch_size=2",
+                "max_steps=30", "log_every=5", "eval_every=30"), progress=False)
+  losses = [r["loss"] for r in _metrics(tmp_path)]
+  assert losses[-1] < 0.8 * losses[0], losses  # the CE against the teacher's distributions
   assert _metrics(tmp_path, "eval")
 
 
@@ -274,10 +379,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
     np.testing.assert_allclose(b[s]["top1"], a[s]["top1"], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["medusa1", "medusa2"])
+@pytest.mark.parametrize("method", ["medusa1", "medusa2", "medusa1 cache_hidden=true teacher_top_k=4"])
 def test_eight_simulated_devices_match_one(tmp_path, method):
   """mesh data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the one-device losses (Medusa-2:
-  the backbone and its optimizer state are sharded too)."""
+  the backbone and its optimizer state are sharded too; teacher targets: their batches too)."""
   script = (
       "import sys; sys.path.insert(0, %r)\n"
       "from medusa_jax.train_config import load_config\n"
@@ -286,7 +391,7 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
       "train(load_config(%r, sys.argv[1:]), progress=False)\n" % (ROOT, TINY))
   data = os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")
   common = [f"data={data}", "max_steps=8", "log_every=2", "eval_every=0", "save_every=100",
-            f"method={method}"]
+            f"method={method.split()[0]}", *method.split()[1:]]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   subprocess.run([sys.executable, "-c", script, f"output_dir={tmp_path / 'mesh'}", *common,
                   "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], check=True, env=env, timeout=600)
@@ -309,6 +414,8 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["method=medusa2", "cache_hidden=true"], "cache_hidden needs method medusa1"),
     (["draft_vocab=-1"], "draft_vocab must be >= 0"),
     (["data=[]", "draft_vocab=8"], "draft_vocab needs training data"),
+    (["teacher_top_k=-1"], "teacher_top_k must be >= 0"),
+    (["method=medusa2", "teacher_top_k=4"], "teacher_top_k needs method medusa1"),
 ])
 def test_bad_config(tmp_path, overrides, message):
   with pytest.raises(MedusaError, match=message):
