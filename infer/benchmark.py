@@ -171,7 +171,7 @@ def _heads_accuracy(engine, convs, args) -> dict:
 
   sizes = sorted({1, 2, 4, 8, 16, 32, 64} | ({args.tree_nodes} if isinstance(args.tree_nodes, int) else set()))
   expected = {n: round(acc.expected_tokens_per_step(best_tree(n)), 4) for n in sizes}
-  print("expected tokens per step of the best tree of N nodes on these positions: "
+  print("tokens per step the best tree of N nodes would reach on these answers: "
         + ", ".join(f"N={n}: {v:.2f}" for n, v in expected.items()))
   out = {"positions": acc.positions, "top1": top1.round(4).tolist(), "top5": top5.round(4).tolist(),
          "per_rank": acc.per_rank.round(5).tolist(), "expected_tokens_per_step": expected}

@@ -1,12 +1,14 @@
 """How often the Medusa heads guess the base model's own greedy continuation: per head and rank,
-and jointly along tree paths.
+and jointly along tree paths, and the tokens per step a tree would accept.
 
 At a decode position t, head k's guess of rank i is right when it is the token the base model
 emits k + 2 ahead. A tree path `(i0, i1, ...)` is right at t when each head's guess along it is.
 Because the tree's nodes at one depth hold different tokens, at most one node per depth is right,
-so the tokens a tree step accepts are exactly the number of its paths that are right: the expected
-tokens per step of a tree is 1 + the sum of its paths' frequencies (`tree.tree_from_path_counts`
-builds the best tree of a given size from them).
+so a tree step at t accepts 1 + the number of its paths right at t (`path_counts` sums those over
+positions; `tree.tree_from_path_counts` builds the tree of a given size that is right most often).
+Decoding does not visit every position, though: the next step starts where this one stopped, and
+steps stop at hard positions, so `expected_tokens_per_step` replays the tree along each answer
+(the per-position mean overstates it by ~10% for the shipped heads; BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations
@@ -27,15 +29,37 @@ from medusa_jax.training import head_targets
 from medusa_jax.tree import Path
 
 
+def tokens_per_step(answer_ranks: Sequence[np.ndarray], paths: Sequence[Sequence[int]]) -> float:
+  """Tokens per step of greedy Medusa decoding with the tree `paths`, replayed on answers whose
+  heads' ranks are `answer_ranks` (one `[num_heads, answer_len]` array per answer: at column i, the
+  rank of the right token among head k's guesses at the position that emits answer token i; -1
+  where none). A step at column i accepts 1 + the longest path right there (no more than the
+  answer has left), and the next step starts after them."""
+  tokens = steps = 0
+  for ranks in answer_ranks:
+    n = ranks.shape[1]
+    depth = np.zeros(n, int)
+    for p in paths:
+      right = np.all(ranks[: len(p)] == np.asarray(p)[:, None], axis=0)
+      depth = np.maximum(depth, len(p) * right)
+    i = 0
+    while i < n:
+      i += min(1 + depth[i], n - i)
+      steps += 1
+    tokens += n
+  return tokens / max(steps, 1)
+
+
 @dataclasses.dataclass
 class HeadAccuracy:
   per_rank: np.ndarray                 # `[num_heads, topk]`: fraction of positions where rank i of head k is right
   positions: int                       # decode positions counted (head 0's)
   path_counts: dict[Path, int]         # positions where every guess along the path is right
+  answer_ranks: list[np.ndarray]       # per answer `[num_heads, answer_len]` (see `tokens_per_step`)
 
   def expected_tokens_per_step(self, paths: Sequence[Sequence[int]]) -> float:
-    """Tokens a step with the tree `paths` would emit on average on these positions (bonus included)."""
-    return 1.0 + sum(self.path_counts.get(tuple(p), 0) for p in paths) / max(self.positions, 1)
+    """Tokens per step greedy decoding with the tree `paths` would reach on these answers."""
+    return tokens_per_step(self.answer_ranks, paths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef"))
@@ -76,6 +100,7 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
   hits = np.zeros((num_heads, topk))
   total = np.zeros(num_heads)
   counts: collections.Counter = collections.Counter()
+  answer_ranks = []
   for prompt in prompts:
     answer, count, _, _ = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
     seq = list(prompt) + [int(x) for x in answer[0, : int(count[0])]]
@@ -83,6 +108,7 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
     ranks = np.asarray(_ranks(engine.state, engine.heads_state, engine.draft, jnp.asarray(tokens),
                               jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
                               graphdef=engine.graphdef, heads_graphdef=engine.heads_graphdef))[:, 0]
+    answer_ranks.append(ranks[:, len(prompt) - 1: len(seq) - 1])
     for k in range(num_heads):
       r = ranks[k][ranks[k] >= 0]
       total[k] += len(r)
@@ -94,4 +120,4 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
           break
         path += (int(r),)
         counts[path] += 1
-  return HeadAccuracy(hits / np.maximum(total, 1)[:, None], int(total[0]), dict(counts))
+  return HeadAccuracy(hits / np.maximum(total, 1)[:, None], int(total[0]), dict(counts), answer_ranks)
