@@ -225,6 +225,9 @@ def setup(cfg: TrainConfig) -> TrainSetup:
     if data is None:
       raise MedusaError("draft_vocab needs training data (its answers' tokens): set data=FILE")
     draft_ids = draft_vocab.rank_by_frequency([data[0][data[1]]])[0][: cfg.draft_vocab]
+  vocab = len(draft_ids) if draft_ids is not None else loaded.model.config.vocab_size
+  if cfg.teacher_top_k > vocab:
+    raise MedusaError(f"teacher_top_k {cfg.teacher_top_k} exceeds the heads' {vocab}-token vocabulary")
   heads_graphdef, heads_state = nnx.split(heads)
   base_graphdef, base_state = nnx.split(loaded.model)
   base_state = shard_state(base_state, mesh)

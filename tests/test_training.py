@@ -416,6 +416,7 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["data=[]", "draft_vocab=8"], "draft_vocab needs training data"),
     (["teacher_top_k=-1"], "teacher_top_k must be >= 0"),
     (["method=medusa2", "teacher_top_k=4"], "teacher_top_k needs method medusa1"),
+    (["draft_vocab=8", "teacher_top_k=16"], "teacher_top_k 16 exceeds the heads' 8-token vocabulary"),
 ])
 def test_bad_config(tmp_path, overrides, message):
   with pytest.raises(MedusaError, match=message):
