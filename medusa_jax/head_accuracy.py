@@ -8,7 +8,8 @@ so a tree step at t accepts 1 + the number of its paths right at t (`path_counts
 positions; `tree.tree_from_path_counts` builds the tree of a given size that is right most often).
 Decoding does not visit every position, though: the next step starts where this one stopped, and
 steps stop at hard positions, so `expected_tokens_per_step` replays the tree along each answer
-(the per-position mean overstates it by ~10% for the shipped heads; BENCHMARKS.md, session 9).
+(the per-position mean overstates it by 13-17% for the shipped heads, while the replay matches
+decoding's tokens per step; BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def tokens_per_step(answer_ranks: Sequence[np.ndarray], paths: Sequence[Sequence
   """Tokens per step of greedy Medusa decoding with the tree `paths`, replayed on answers whose
   heads' ranks are `answer_ranks` (one `[num_heads, answer_len]` array per answer: at column i, the
   rank of the right token among head k's guesses at the position that emits answer token i; -1
-  where none). A step at column i accepts 1 + the longest path right there (no more than the
-  answer has left), and the next step starts after them."""
+  where none). As decoding counts them: the prefill step emits token 0; a tree step at column i
+  emits tokens i+1 .. i+1+d (d: the longest path right there; no more than the answer has left),
+  and the next step starts at the last of them."""
   tokens = steps = 0
   for ranks in answer_ranks:
     n = ranks.shape[1]
@@ -42,9 +44,9 @@ def tokens_per_step(answer_ranks: Sequence[np.ndarray], paths: Sequence[Sequence
     for p in paths:
       right = np.all(ranks[: len(p)] == np.asarray(p)[:, None], axis=0)
       depth = np.maximum(depth, len(p) * right)
-    i = 0
-    while i < n:
-      i += min(1 + depth[i], n - i)
+    i, steps = 0, steps + 1  # the prefill
+    while i < n - 1:
+      i += min(1 + depth[i], n - 1 - i)
       steps += 1
     tokens += n
   return tokens / max(steps, 1)

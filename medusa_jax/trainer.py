@@ -133,6 +133,9 @@ def _cached_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids,
   teacher = jax.jit(lambda s, h: teacher_distribution(nnx.merge(base_graphdef, s), h, draft_ids,
                                                       cfg.teacher_top_k))
   hidden = positions["hidden"]
+  if not len(hidden):
+    shape = (0, cfg.num_heads, cfg.teacher_top_k)
+    return {"soft_ids": np.zeros(shape, np.int32), "soft_probs": np.zeros(shape, np.float32)}
   chunks = [jax.device_get(teacher(base_state, jnp.asarray(  # fixed-size chunks: one compilation
       np.resize(hidden[i: i + positions_per_chunk], (positions_per_chunk, hidden.shape[1])))))
       for i in range(0, len(hidden), positions_per_chunk)]

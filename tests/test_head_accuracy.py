@@ -28,20 +28,24 @@ def test_oracle_and_off_by_one_heads():
   # jointly: head 0's top guess, then head 1's second, then head 2's top, each one position
   # shorter (head k needs t + k + 2 inside the sequence)
   assert acc.path_counts == {(0,): 38, (0, 1): 36, (0, 1, 0): 34}
-  # Replayed on each 20-token answer: (0, 1) is right at columns 0..17, so steps at 0, 3, ..., 15
-  # accept 3 each, then (0,) alone at 18 accepts the last 2: 20 tokens in 7 steps.
-  assert acc.expected_tokens_per_step([(0,), (0, 1)]) == 40 / 14
-  assert acc.expected_tokens_per_step([(0,), (1,), (0, 0)]) == 2  # only (0,) is ever right
+  # Replayed on each 20-token answer: the prefill emits token 0; (0, 1) is right at columns
+  # 0..17, so tree steps at 0, 3, ..., 15 emit 3 tokens each; at 18 one token is left: 8 steps.
+  assert acc.expected_tokens_per_step([(0,), (0, 1)]) == 40 / 16
+  # ... as decoding counts them, with the chain tree these heads are right along
+  tokens = steps = 0
+  for prompt in prompts:
+    _, count, step_count, _ = engine.generate_ids([prompt], max_new_tokens=20, mode="medusa")
+    tokens, steps = tokens + int(count[0]), steps + int(step_count[0])
+  assert acc.expected_tokens_per_step(engine.tree.paths) == tokens / steps
+  assert acc.expected_tokens_per_step([(0,), (1,), (0, 0)]) == 40 / 22  # only (0,): 2 per tree step
 
 
-def test_tokens_per_step_follows_the_steps_not_every_position():
-  """Head 0 right (rank 0) at every other position: over every position a 1-node tree accepts 1.5
-  tokens, but decoding that starts on a right position always lands on the next one (2 per step);
-  one that starts on a wrong position takes a 1-token step first, and the last step is cut short
-  by the answer's end."""
+def test_tokens_per_step_replays_the_decoding_steps():
+  """Head 0 right (rank 0) at every other position: averaged over every position a 1-node tree
+  step emits 1.5 tokens, but a replay visits only the positions where steps start."""
   even = np.asarray([[0, 5] * 5])  # [num_heads=1, 10 answer tokens]
-  assert tokens_per_step([even], [(0,)]) == 2.0                        # steps at 0, 2, 4, 6, 8
-  assert tokens_per_step([even[:, ::-1]], [(0,)]) == 10 / 6            # steps at 0, 1, 3, 5, 7, 9
-  assert tokens_per_step([even, even[:, ::-1]], [(1,)]) == 1.0         # never right
-  both = np.asarray([[0] * 6, [0, 0, 0, -1, 0, 0]])                    # a -1 (no rank) breaks a path
-  assert tokens_per_step([both], [(0,), (0, 0)]) == 6 / 3  # steps at 0 (3 tokens), 3 (2), 5 (1)
+  assert tokens_per_step([even], [(0,)]) == 10 / 6              # prefill; steps at 0, 2, 4, 6, 8
+  assert tokens_per_step([even[:, ::-1]], [(0,)]) == 10 / 6     # prefill; steps at 0 (1 token), 1, 3, 5, 7
+  assert tokens_per_step([even, even[:, ::-1]], [(1,)]) == 1.0  # never right: one token a step
+  both = np.asarray([[0] * 6, [0, 0, 0, -1, 0, 0]])             # a -1 (no rank) breaks a path
+  assert tokens_per_step([both], [(0,), (0, 0)]) == 6 / 3       # prefill; 0 (3 tokens), 3 (2)

@@ -173,6 +173,9 @@ def test_cached_teacher_targets_match_the_sequence_ones(tmp_path):
     np.testing.assert_allclose(soft["soft_probs"][~fallback, k], seq_probs[~fallback, k], rtol=1e-5)
     np.testing.assert_array_equal(soft["soft_ids"][fallback, k, 0], cached["targets"][fallback, k])
     np.testing.assert_array_equal(soft["soft_probs"][fallback, k], [[1, 0, 0, 0]] * fallback.sum())
+  empty = _cached_soft_targets(cfg, bg, bs, None, tokens[:0], mask[:0],
+                               {"hidden": cached["hidden"][:0]})  # a split without answers
+  assert empty["soft_ids"].shape == empty["soft_probs"].shape == (0, 3, 4)
 
 
 def test_soft_loss_is_the_cross_entropy_against_the_teacher():
