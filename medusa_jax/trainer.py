@@ -124,8 +124,7 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
 
 
 def _cached_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids, tokens: np.ndarray,
-                         mask: np.ndarray, positions: dict, rows_per_chunk: int = 256,
-                         positions_per_chunk: int = 8192) -> dict:
+                         mask: np.ndarray, positions: dict, rows_per_chunk: int = 256) -> dict:
   """Teacher targets for cached positions (`cache_positions` of `tokens`/`mask`): {"soft_ids",
   "soft_probs" `[n, num_heads, teacher_top_k]`}. The teacher runs on the cached hidden states; a
   head's teacher position that is not cached (the one before an answer's last token) falls back to
@@ -136,9 +135,10 @@ def _cached_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids,
   if not len(hidden):
     shape = (0, cfg.num_heads, cfg.teacher_top_k)
     return {"soft_ids": np.zeros(shape, np.int32), "soft_probs": np.zeros(shape, np.float32)}
-  chunks = [jax.device_get(teacher(base_state, jnp.asarray(  # fixed-size chunks: one compilation
-      np.resize(hidden[i: i + positions_per_chunk], (positions_per_chunk, hidden.shape[1])))))
-      for i in range(0, len(hidden), positions_per_chunk)]
+  chunk = cfg.vocab_chunk  # positions per vocab projection, as in the loss; fixed size: one compilation
+  chunks = [jax.device_get(teacher(base_state, jnp.asarray(
+      np.resize(hidden[i: i + chunk], (chunk, hidden.shape[1])))))
+      for i in range(0, len(hidden), chunk)]
   ids, probs = (np.concatenate(part)[: len(hidden)] for part in zip(*chunks))
   done, out = 0, {"soft_ids": [], "soft_probs": []}
   for i in range(0, len(tokens), rows_per_chunk):

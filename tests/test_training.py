@@ -144,7 +144,7 @@ def test_cached_teacher_targets_match_the_sequence_ones(tmp_path):
   """Teacher targets rebuilt from cached positions (cache_hidden) equal those computed on whole
   sequences, but where the teacher's position was not cached (before an answer's last token):
   there the hard target, with probability 1."""
-  cfg = _config(tmp_path, "num_heads=3", "teacher_top_k=4")
+  cfg = _config(tmp_path, "num_heads=3", "teacher_top_k=4", "vocab_chunk=16")
   base = random_model(preset("tiny"), seed=0)
   bg, bs = nnx.split(base)
   rng = np.random.default_rng(0)
@@ -153,8 +153,7 @@ def test_cached_teacher_targets_match_the_sequence_ones(tmp_path):
   mask[:, 10:20] = True
   mask[2, 25:30] = True  # a second answer in one row
   cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
-  soft = _cached_soft_targets(cfg, bg, bs, None, tokens, mask, cached, rows_per_chunk=3,
-                              positions_per_chunk=16)
+  soft = _cached_soft_targets(cfg, bg, bs, None, tokens, mask, cached, rows_per_chunk=3)
   hidden = backbone_hidden(base, jnp.asarray(tokens))
   seq = position_targets(hidden, jnp.asarray(tokens), jnp.asarray(mask), 3,
                          teacher_distribution(base, hidden, None, 4))
