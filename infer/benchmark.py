@@ -81,6 +81,17 @@ def main(argv=None):
     if not args.tree_nodes.isdigit():
       raise MedusaError(f"--tree-nodes takes a number of nodes or 'auto', got {args.tree_nodes!r}")
     args.tree_nodes = int(args.tree_nodes)
+  for name in ("max_new_tokens", "batch_size"):
+    if getattr(args, name) < 1:
+      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+  if args.max_prompts is not None and args.max_prompts < 1:
+    raise MedusaError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+  for name in ("out", "plot", "save_tree"):  # before the run, not after it
+    path = getattr(args, name)
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise MedusaError(f"--{name.replace('_', '-')} {path}: no such directory")
+  if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
+    raise MedusaError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
   if args.topk < 1 or args.tree_nodes == 0:
     raise MedusaError("--topk and --tree-nodes must be at least 1")
   if (args.tree_nodes or args.accuracy_only) and not args.heads_accuracy:
@@ -94,8 +105,7 @@ def main(argv=None):
   from medusa_jax.data import load_conversations
 
   convs = load_conversations(args.prompts)[: args.max_prompts]
-  tree = json.loads(args.tree) if args.tree and args.tree.lstrip().startswith("[") else args.tree
-  engine = medusa_jax.load(args.model, heads=args.heads, tree=tree, dtype=args.dtype,
+  engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab)
   engine.resolve_mode("medusa")  # a clear error when no heads are loaded
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
@@ -220,7 +230,10 @@ def _plot(result: dict, path: str) -> None:
     ax.set_title(label)
     ax.tick_params(axis="x", rotation=45)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{ext}"  # written whole, then renamed: never a half-written plot
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,8 @@ def main(argv=None):
   quiet_logs()
   import medusa_jax
 
-  tree = json.loads(args.tree) if args.tree and args.tree.lstrip().startswith("[") else args.tree
   heads = None if args.heads == "none" else args.heads
-  engine = medusa_jax.load(args.model, heads=heads, tree=tree, dtype=args.dtype,
+  engine = medusa_jax.load(args.model, heads=heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab)
   mode = engine.resolve_mode(args.mode)
   prompts = args.prompt or [DEMO_PROMPT]

@@ -49,8 +49,15 @@ def _record(rec: Any, default_category: str) -> list[Conversation]:
   if "conversations" in rec:
     return [Conversation([_message(m) for m in rec["conversations"]], category)]
   if "turns" in rec:
-    return [Conversation([{"role": "user", "content": str(t)} for t in rec["turns"]], category)]
+    turns = [rec["turns"]] if isinstance(rec["turns"], str) else rec["turns"]
+    if not isinstance(turns, list):
+      raise MedusaError(f"'turns' must be a list of user turns, got {type(turns).__name__}")
+    return [Conversation([{"role": "user", "content": str(t)} for t in turns], category)]
   if "instruction" in rec:
+    instances = rec.get("instances") or []
+    if not isinstance(rec["instruction"], str) or not (
+        isinstance(instances, list) and all(isinstance(i, dict) for i in instances)):
+      raise MedusaError("an 'instruction' record needs a string instruction (and a list of instance objects)")
     instances = rec.get("instances") or [{"input": rec.get("input", ""), "output": rec.get("output")}]
     out = []
     for inst in instances:
@@ -65,6 +72,8 @@ def _record(rec: Any, default_category: str) -> list[Conversation]:
 
 
 def _message(m: dict) -> Message:
+  if not isinstance(m, dict):
+    raise MedusaError(f"a message must be an object with role and content, got {type(m).__name__}")
   if "role" in m and "content" in m:
     role, content = m["role"], m["content"]
   elif "from" in m and "value" in m:

@@ -155,6 +155,13 @@ class Engine:
     acceptance (`posterior_threshold`, `posterior_alpha`) at temperature > 0.
     """
     mode = self.resolve_mode(mode)
+    if not temperature >= 0:
+      raise MedusaError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+      raise MedusaError(f"top_p must be in (0, 1], got {top_p}")
+    if not (posterior_threshold >= 0 and posterior_alpha >= 0):
+      raise MedusaError(f"posterior_threshold and posterior_alpha must be >= 0, got {posterior_threshold}, "
+                        f"{posterior_alpha}")
     extra = self.tree.size if mode == "medusa" else 1
     length = self._check_lengths(prompts, max_new_tokens, extra if mode == "medusa" else 0)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)

@@ -98,15 +98,24 @@ def read_heads(path: str, model: Llama) -> MedusaHeads:
     from medusa_jax.train_config import load_config
     from medusa_jax.trainer import trained_model
 
-    with open(os.path.join(path, "train_config.json")) as f:
-      overrides = [f"{k}={json.dumps(v)}" for k, v in _flatten(json.load(f)).items()]
+    overrides = [f"{k}={json.dumps(v)}" for k, v in _flatten(_read_json(os.path.join(path, "train_config.json"))).items()]
     return trained_model(load_config(None, overrides + [f"output_dir={path}"]), model)[1]
   if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "model.safetensors")):
-    with open(cfg_file) as f:
-      cfg = json.load(f)
+    cfg = _read_json(cfg_file)
     if cfg.get("model_type") == "medusa":
       return _read_vllm(path, cfg, model)
   return load_heads(path, model)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedusaError(f"cannot read {path}: {e}") from None
+  if not isinstance(out, dict):
+    raise MedusaError(f"{path} must hold a JSON object")
+  return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -130,7 +139,9 @@ def _read_vllm(path: str, cfg: dict, model: Llama) -> MedusaHeads:
   if cfg.get("hidden_size", e) != e or cfg.get("vocab_size", v) != v:
     raise MedusaError(f"heads have hidden_size {cfg.get('hidden_size')} / vocab_size "
                       f"{cfg.get('vocab_size')} but the base model has {e} / {v}")
-  num_heads, n = int(cfg["num_heads"]), int(cfg.get("num_hidden_layers", 1))
+  if not isinstance(cfg.get("num_heads"), int) or not isinstance(cfg.get("num_hidden_layers", 1), int):
+    raise MedusaError(f"{path}/config.json needs an integer num_heads (and num_hidden_layers)")
+  num_heads, n = cfg["num_heads"], cfg.get("num_hidden_layers", 1)
   heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, n, share_lm_head=False))
 
   def get(name, shape):

@@ -93,8 +93,12 @@ def _apply(obj, key: str, value: Any, full_key: str):
       value = type(current)(value)
     except (TypeError, ValueError):
       raise MedusaError(f"config key {full_key!r} needs a number, got {value!r}") from None
-  if isinstance(current, list) and isinstance(value, str):
-    value = [value]
+  if isinstance(current, str) and not isinstance(value, str):
+    raise MedusaError(f"config key {full_key!r} needs a string, got {value!r}")
+  if isinstance(current, list):
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+      raise MedusaError(f"config key {full_key!r} needs a path or a list of paths, got {value!r}")
   setattr(obj, head, value)
 
 
@@ -110,6 +114,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
         values = yaml.safe_load(f) or {}
       except yaml.YAMLError as e:
         raise MedusaError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+      raise MedusaError(f"{path} must hold a mapping of config keys, got a {type(values).__name__}")
     for k, v in values.items():
       _apply(config, k, v, k)
   for item in overrides:
@@ -126,6 +132,22 @@ def _check_choices(config: TrainConfig) -> None:
     if getattr(config, key) not in choices:
       raise MedusaError(f"config key {key!r} must be one of {', '.join(choices)}, "
                         f"got {getattr(config, key)!r}")
+  for key in ("model", "output_dir"):
+    if not getattr(config, key):
+      raise MedusaError(f"config key {key!r} must not be empty")
+  for key in ("num_heads", "num_layers", "seq_len", "batch_size", "grad_accum", "max_steps", "vocab_chunk",
+              "eval_batches", "save_every", "keep_checkpoints", "log_every", "mesh.data", "mesh.fsdp", "mesh.tensor"):
+    value = getattr(config.mesh if key.startswith("mesh.") else config, key.rpartition(".")[2])
+    if value < 1:
+      raise MedusaError(f"config key {key!r} must be at least 1, got {value}")
+  if config.eval_every < 0:
+    raise MedusaError(f"config key 'eval_every' must be >= 0 (0: no evaluation), got {config.eval_every}")
+  for key in ("learning_rate", "backbone_learning_rate"):
+    if not getattr(config, key) > 0:
+      raise MedusaError(f"config key {key!r} must be positive, got {getattr(config, key)}")
+  for key in ("warmup_fraction", "eval_fraction"):
+    if not 0 <= getattr(config, key) < 1:
+      raise MedusaError(f"config key {key!r} must be in [0, 1), got {getattr(config, key)}")
   if config.draft_vocab < 0:
     raise MedusaError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {config.draft_vocab}")
   if config.teacher_top_k < 0:

@@ -168,6 +168,32 @@ def _checkpoint_manager(cfg: TrainConfig):
                                options=options)
 
 
+PARAM_SHAPES = "param_shapes.json"  # beside train_config.json: what the checkpoints hold
+
+
+def _shapes(params) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(k): list(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _restore(cfg: TrainConfig, manager, step: int, target: dict) -> dict:
+  """The checkpoint at `step` restored into `target` (`{"params", "opt_state"}`); a one-line error
+  when the run was made for other shapes (another base model, head count or method)."""
+  import orbax.checkpoint as ocp
+
+  try:
+    with open(os.path.join(cfg.output_dir, PARAM_SHAPES)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    saved = None  # runs from before the file existed: orbax checks the shapes
+  want = _shapes(target["params"])
+  if saved is not None and saved != want:
+    name = next((k for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)))
+    raise MedusaError(f"the checkpoints under {cfg.output_dir} do not fit this base model and config: "
+                      f"params{name} is {saved.get(name, 'absent')} there, {want.get(name, 'absent')} here")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return restored["state"]
+
+
 def _trained_params(cfg: TrainConfig, heads_state, base_state) -> dict:
   """The parameters the optimizer updates: `{"heads"}`, plus `"backbone"` with Medusa-2."""
   params = {"heads": nnx.to_pure_dict(heads_state)}
@@ -282,13 +308,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   start = 0
   if manager.latest_step() is not None:
     start = manager.latest_step()
-    restored = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state})))
-    params, opt_state = jax.device_put((restored["state"]["params"], restored["state"]["opt_state"]),
-                                       shardings)
+    restored = _restore(cfg, manager, start, {"params": params, "opt_state": opt_state})
+    params, opt_state = jax.device_put((restored["params"], restored["opt_state"]), shardings)
   os.makedirs(cfg.output_dir, exist_ok=True)
   with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
+  with open(os.path.join(cfg.output_dir, PARAM_SHAPES), "w") as f:
+    json.dump(_shapes(params), f, indent=0)
   metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
   last = {}
   bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not progress)
@@ -336,8 +362,6 @@ def _evaluate(cfg, eval_fn, params, base_state, data: dict, per_step: int, devic
 def trained_model(cfg: TrainConfig, base: Llama) -> tuple[Llama, MedusaHeads]:
   """(backbone, heads) of the latest checkpoint under `cfg.output_dir`; the backbone is `base`
   itself unless the run was Medusa-2 (then `base` with the trained weights)."""
-  import orbax.checkpoint as ocp
-
   manager = _checkpoint_manager(cfg)
   step = manager.latest_step()
   if step is None:
@@ -348,8 +372,7 @@ def trained_model(cfg: TrainConfig, base: Llama) -> tuple[Llama, MedusaHeads]:
   base_graphdef, base_state = nnx.split(base)
   params = _trained_params(cfg, heads_state, base_state)
   target = {"params": params, "opt_state": make_optimizer(cfg).init(params)}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  params = restored["state"]["params"]
+  params = _restore(cfg, manager, step, target)["params"]
   if "backbone" in params:
     base = nnx.merge(base_graphdef, params["backbone"])
   return base, nnx.merge(heads_graphdef, params["heads"])

@@ -59,6 +59,11 @@ class Tree:
 
   def __init__(self, paths: Sequence[Sequence[int]], *, num_heads: int | None = None,
                vocab_size: int | None = None):
+    if isinstance(paths, (str, bytes)) or not all(
+        isinstance(p, (list, tuple)) and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in p)
+        for p in paths):
+      raise MedusaError(f"a Medusa tree is a list of paths, each a list of top-k ranks (e.g. [[0], [0, 0], [1]]); "
+                        f"got {str(paths)[:80]}")
     paths = [tuple(int(c) for c in p) for p in paths]
     if not paths:
       raise MedusaError("a Medusa tree needs at least one path")
@@ -171,16 +176,26 @@ def tree_from_path_counts(path_counts: dict[Path, int], num_nodes: int, *, num_h
 def get_tree(spec: str | Sequence[Sequence[int]] | Tree, *, num_heads: int | None = None,
              vocab_size: int | None = None) -> Tree:
   """A tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain1`..`chain5`), a JSON file
-  (`{"paths": [...]}`, as `infer/benchmark.py --save-tree` writes), a list of paths, or as given."""
+  (`{"paths": [...]}`, as `infer/benchmark.py --save-tree` writes, or a bare list of paths), a JSON
+  list of paths as text (`"[[0], [0, 0]]"`), a list of paths, or as given."""
   if isinstance(spec, Tree):
     return Tree(spec.paths, num_heads=num_heads, vocab_size=vocab_size)
-  if isinstance(spec, str) and spec.endswith(".json"):
+  if isinstance(spec, str) and spec.lstrip().startswith("["):
+    try:
+      spec = json.loads(spec)
+    except ValueError as e:
+      raise MedusaError(f"cannot parse the tree {spec[:60]!r} as a JSON list of paths: {e}") from None
+  elif isinstance(spec, str) and spec.endswith(".json"):
     try:
       with open(spec) as f:
-        spec = json.load(f)["paths"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        spec = json.load(f)
+    except (OSError, ValueError) as e:
       raise MedusaError(f"cannot read a tree from {spec}: {e}") from None
-  if isinstance(spec, str):
+    if isinstance(spec, dict):
+      if "paths" not in spec:
+        raise MedusaError('a tree JSON file holds {"paths": [[0], [0, 0], ...]} or a bare list of paths')
+      spec = spec["paths"]
+  elif isinstance(spec, str):
     if spec not in TREES:
       raise MedusaError(f"unknown tree {spec!r}; known trees: {', '.join(sorted(TREES))}")
     spec = TREES[spec]

@@ -45,6 +45,15 @@ def test_bad_files(tmp_path):
   odd.write_text('[{"foo": 1}]')
   with pytest.raises(MedusaError, match="unrecognised record"):
     load_conversations(str(odd))
+  odd.write_text('[{"messages": ["hello"]}]')
+  with pytest.raises(MedusaError, match="a message must be an object with role and content, got str"):
+    load_conversations(str(odd))
+  odd.write_text('[{"instruction": 3}]')
+  with pytest.raises(MedusaError, match="needs a string instruction"):
+    load_conversations(str(odd))
+  one = tmp_path / "one.jsonl"  # a single turn given as a string is one turn, not one per character
+  one.write_text('{"turns": "Hello there"}\n')
+  assert load_conversations(str(one))[0].user_turns == ["Hello there"]
 
 
 def test_assistant_mask_on_hand_built_conversation():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,3 +63,75 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
   )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f"error: model file not found: {tmp_path / 'x.gguf'}"]
+
+
+def test_sampling_settings_out_of_range():
+  engine = Engine(random_model(preset("tiny")), ByteTokenizer(), max_cache_len=64)
+  for kwargs, message in [({"temperature": -1.0}, "temperature must be >= 0"),
+                          ({"temperature": 0.7, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                          ({"top_p": 2.0}, r"top_p must be in \(0, 1\]")]:
+    with pytest.raises(MedusaError, match=message):
+      engine.generate_ids([[5, 6]], max_new_tokens=4, **kwargs)
+
+
+def test_atomic_dir_refuses_a_file_and_keeps_the_old_output_on_failure(tmp_path):
+  from medusa_jax.atomic import atomic_dir
+
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(MedusaError, match="is a file; the output is a directory"):
+    with atomic_dir(str(tmp_path / "file"), force=True):
+      pass
+  with pytest.raises(MedusaError, match="a parent of it is a file"):
+    with atomic_dir(str(tmp_path / "file" / "out"), force=True):
+      pass
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "old.txt").write_text("old")
+  with pytest.raises(RuntimeError):
+    with atomic_dir(str(tmp_path / "out"), force=True) as tmp:
+      open(os.path.join(tmp, "new.txt"), "w").close()
+      raise RuntimeError("failed half way")
+  assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == ["old.txt"]
+  with atomic_dir(str(tmp_path / "out"), force=True) as tmp:
+    open(os.path.join(tmp, "new.txt"), "w").close()
+  assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == ["new.txt"]
+
+
+def _cli_error(script: str, argv: list[str], capsys) -> list[str]:
+  """Runs a command-line tool's `main` in-process; returns its stderr lines, asserting exit status 2."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    module.main(argv)
+  assert exit_.value.code == 2
+  return capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_number_and_path_flags(tmp_path, capsys):
+  """Bad numbers and output paths are refused before any model loads or any file is written."""
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"turns": ["Hi"]}\n')
+  bench = ["--model", "random:tiny", "--prompts", str(prompts)]
+  for flags, message in [(["--max-prompts", "0"], "--max-prompts must be at least 1, got 0"),
+                         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                         (["--plot", str(tmp_path / "no" / "x.png")], f"--plot {tmp_path / 'no' / 'x.png'}: no such directory"),
+                         (["--plot", str(tmp_path / "x.txt")], f"--plot {tmp_path / 'x.txt'}: write a .png, .pdf or .svg file")]:
+    assert _cli_error("infer/benchmark.py", bench + flags, capsys) == [f"error: {message}"]
+  out = tmp_path / "d.json"
+  distill = ["--model", "random:tiny", "--prompts", str(prompts), "--out", str(out)]
+  assert _cli_error("train/distill.py", distill + ["--batch-size", "0"], capsys) == [
+      "error: --batch-size must be at least 1, got 0"]
+  out.write_text("[{")
+  [line] = _cli_error("train/distill.py", distill, capsys)
+  assert line.startswith(f"error: cannot resume from {out}: ")
+  assert sorted(os.listdir(tmp_path)) == ["d.json", "p.jsonl"] and out.read_text() == "[{"
+  from medusa_jax.heads import HeadsConfig
+  from medusa_jax.heads_io import save_heads
+  from test_medusa import random_heads
+
+  heads = tmp_path / "heads"
+  save_heads(random_heads(random_model(preset("tiny"), seed=0), HeadsConfig(2, 1, True)), str(heads),
+             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  [line] = _cli_error("infer/generate.py", ["--model", "random:tiny", "--heads", str(heads), "--tree", "[0,"], capsys)
+  assert line.startswith("error: cannot parse the tree '[0,' as a JSON list of paths")

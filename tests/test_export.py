@@ -134,6 +134,8 @@ def test_bad_input_leaves_nothing(tmp_path, trained):
   export("medusa", str(tmp_path / "m"), model=base, heads=heads, base_name="tiny")
   with pytest.raises(MedusaError, match="hidden_size 64 but the base model has 32"):
     read_heads(str(tmp_path / "m"), other)
+  with pytest.raises(MedusaError, match=f"the checkpoints under {run} do not fit this base model and config: params.* is \\[64"):
+    read_heads(run, other)
   with pytest.raises(MedusaError, match="exists; pass --force"):
     export("medusa", str(tmp_path / "m"), model=base, heads=heads, base_name="tiny")
   os.remove(tmp_path / "m" / "medusa_lm_head.safetensors")

@@ -381,6 +381,18 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
     np.testing.assert_allclose(b[s]["top1"], a[s]["top1"], atol=1e-6)
 
 
+def test_resuming_with_other_shapes_is_one_error(tmp_path):
+  """An output_dir whose checkpoints hold other shapes (here 3 heads, asked for 2) is refused by
+  name before orbax reads anything; the run is left as it was."""
+  common = ["log_every=2", "save_every=2", "eval_every=0", "max_steps=2"]
+  train(_config(tmp_path, *common), progress=False)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(MedusaError, match=r"do not fit this base model and config: params\['heads'\]\['blocks'\]\[2\].* "
+                                        r"is \[64\] there, absent here"):
+    train(_config(tmp_path, *common, "num_heads=2", "max_steps=4"), progress=False)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
 @pytest.mark.parametrize("method", ["medusa1", "medusa2", "medusa1 cache_hidden=true teacher_top_k=4"])
 def test_eight_simulated_devices_match_one(tmp_path, method):
   """mesh data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the one-device losses (Medusa-2:
@@ -419,6 +431,14 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["teacher_top_k=-1"], "teacher_top_k must be >= 0"),
     (["method=medusa2", "teacher_top_k=4"], "teacher_top_k needs method medusa1"),
     (["draft_vocab=8", "teacher_top_k=16"], "teacher_top_k 16 exceeds the heads' 8-token vocabulary"),
+    (["mesh.data=0"], "'mesh.data' must be at least 1, got 0"),
+    (["log_every=0"], "'log_every' must be at least 1"),
+    (["eval_every=-1"], "'eval_every' must be >= 0"),
+    (["learning_rate=0"], "'learning_rate' must be positive"),
+    (["eval_fraction=1"], r"'eval_fraction' must be in \[0, 1\)"),
+    (["model="], "'model' needs a string, got None"),
+    (["output_dir="], "'output_dir' needs a string"),
+    (["data=5"], "'data' needs a path or a list of paths"),
 ])
 def test_bad_config(tmp_path, overrides, message):
   with pytest.raises(MedusaError, match=message):
@@ -438,6 +458,13 @@ def test_cli_bad_key_one_line(tmp_path):
                          "bogus.key=1"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == ["error: unknown config key 'bogus.key'"]
+
+
+def test_config_file_must_be_a_mapping(tmp_path):
+  bad = tmp_path / "list.yaml"
+  bad.write_text("- model\n- data\n")
+  with pytest.raises(MedusaError, match="must hold a mapping of config keys, got a list"):
+    load_config(str(bad))
 
 
 def test_medusa2_starts_from_medusa1_heads(tmp_path):

@@ -58,6 +58,8 @@ def test_default_tree_shape():
     ([[0], [0]], {}, "same path twice"),
     ([[0], [-1]], {}, "non-negative"),
     ([], {}, "at least one path"),
+    ([0, 1], {}, "a list of paths, each a list of top-k ranks"),
+    ([[0], ["1"]], {}, "a list of paths, each a list of top-k ranks"),
 ])
 def test_invalid_trees(paths, kwargs, message):
   with pytest.raises(MedusaError, match=message):
@@ -67,6 +69,24 @@ def test_invalid_trees(paths, kwargs, message):
 def test_unknown_tree_name():
   with pytest.raises(MedusaError, match="unknown tree 'nope'"):
     get_tree("nope")
+
+
+def test_tree_specs_from_text_and_files(tmp_path):
+  """A tree given as JSON text or a JSON file (`{"paths": ...}` or a bare list) is the same tree;
+  malformed ones are one-line errors."""
+  want = Tree([[0], [0, 0], [1]])
+  (tmp_path / "obj.json").write_text('{"paths": [[0], [0, 0], [1]]}')
+  (tmp_path / "list.json").write_text("[[1], [0], [0, 0]]")
+  (tmp_path / "other.json").write_text('{"choices": [[0]]}')
+  (tmp_path / "broken.json").write_text("[[0],")
+  assert get_tree("[[0], [0, 0], [1]]") == want
+  assert get_tree(str(tmp_path / "obj.json")) == want == get_tree(str(tmp_path / "list.json"))
+  with pytest.raises(MedusaError, match="cannot parse the tree"):
+    get_tree("[0,")
+  with pytest.raises(MedusaError, match='holds {"paths"'):
+    get_tree(str(tmp_path / "other.json"))
+  with pytest.raises(MedusaError, match="cannot read a tree from"):
+    get_tree(str(tmp_path / "broken.json"))
 
 
 def test_tree_from_path_counts_keeps_the_most_frequent_paths():

@@ -51,6 +51,22 @@ def _by_length(todo, batch_size, window_batches=16):
   return [x for s in range(0, len(todo), w) for x in sorted(todo[s: s + w], key=lambda x: len(x[2]))]
 
 
+def _read_done(path):
+  """The conversations an earlier run wrote to `path` (none if it does not exist yet)."""
+  from medusa_jax.errors import MedusaError
+
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path, encoding="utf-8") as f:
+      done = json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedusaError(f"cannot resume from {path}: {e}") from None
+  if not isinstance(done, list) or not all(isinstance(d, dict) and "id" in d for d in done):
+    raise MedusaError(f"cannot resume from {path}: not a list of conversations with ids, as this tool writes")
+  return done
+
+
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +89,16 @@ def main(argv=None):
 
   import medusa_jax
   from medusa_jax.data import load_conversations, split
+  from medusa_jax.errors import MedusaError
+
+  for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+    if getattr(args, name) < 1:
+      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+  if args.max_prompts is not None and args.max_prompts < 1:
+    raise MedusaError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+  if not 0 <= args.eval_fraction < 1:
+    raise MedusaError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+  done = _read_done(args.out)
 
   excluded = {c.user_turns[0] for path in args.exclude for c in load_conversations(path) if c.user_turns}
   groups, heldout = [], []
@@ -90,10 +116,6 @@ def main(argv=None):
       json.dumps({"category": c.category, "turns": c.user_turns[:1]}, ensure_ascii=False) + "\n"
       for c in heldout))
 
-  done = []
-  if os.path.exists(args.out):
-    with open(args.out, encoding="utf-8") as f:
-      done = json.load(f)
   finished = {d["id"] for d in done}
   if not os.path.exists(args.out):
     write_text(args.out, "[]")  # the output exists (empty) even when no prompt is left to answer
