@@ -57,7 +57,7 @@ def main(argv=None):
   p.add_argument("--prompts", required=True)
   p.add_argument("--model", default="smollm2-135m-instruct")
   p.add_argument("--heads", default="default")
-  p.add_argument("--tree", default=None)
+  p.add_argument("--tree", default=None, help="as infer/generate.py's (default: the heads' tree.json)")
   p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "
                       "draft_vocab.json (0: the whole vocabulary)")

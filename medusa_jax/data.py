@@ -160,5 +160,6 @@ def pack_examples(examples: Iterable[tuple[list[int], list[bool]]], seq_len: int
     rows.append(ids + [pad_id] * (seq_len - len(ids)))
     masks.append(mask + [False] * (seq_len - len(mask)))
   if not rows:
-    raise MedusaError("no conversation has assistant tokens to train on")
+    raise MedusaError(f"no conversation has assistant tokens within its first {seq_len} tokens "
+                      "(seq_len) to train on")
   return np.asarray(rows, np.int32), np.asarray(masks, bool)

@@ -80,6 +80,8 @@ def test_pack_and_split():
   tokens, mask = pack_examples(examples, 6, pad_id=0)
   assert tokens.tolist() == [[1, 2, 3, 0, 0, 0], [5, 6, 5, 6, 5, 6]]  # the unlabelled one dropped
   assert mask.sum() == 2 + 6
+  with pytest.raises(MedusaError, match=r"no conversation has assistant tokens within its first 1 tokens \(seq_len\)"):
+    pack_examples(examples[:2], 1, pad_id=0)
   a, b = split(list(range(100)), 0.1, seed=3)
   assert len(b) == 10 and sorted(a + b) == list(range(100))
   assert split(list(range(100)), 0.1, seed=3) == (a, b)
