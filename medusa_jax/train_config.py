@@ -88,6 +88,8 @@ def _apply(obj, key: str, value: Any, full_key: str):
     return
   if isinstance(current, bool) and not isinstance(value, bool):
     raise MedusaError(f"config key {full_key!r} needs true or false, got {value!r}")
+  if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and not value.is_integer():
+    raise MedusaError(f"config key {full_key!r} needs a whole number, got {value!r}")
   if isinstance(current, (int, float)) and not isinstance(current, bool):
     try:
       value = type(current)(value)

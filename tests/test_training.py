@@ -420,6 +420,7 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["nope=1"], "unknown config key 'nope'"),
     (["mesh.pipeline=2"], "unknown config key 'mesh.pipeline'"),
     (["max_steps=abc"], "needs a number"),
+    (["num_heads=2.5"], "'num_heads' needs a whole number, got 2.5"),
     (["mesh.data=2"], "but 1 are available"),
     (["mesh.data=3"], "must divide by mesh.data x mesh.fsdp"),
     (["data=/no/such/file.json"], "data file not found"),
