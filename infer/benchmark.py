@@ -232,8 +232,12 @@ def _plot(result: dict, path: str) -> None:
   fig.tight_layout()
   root, ext = os.path.splitext(path)
   tmp = f"{root}.tmp{ext}"  # written whole, then renamed: never a half-written plot
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  try:
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 if __name__ == "__main__":

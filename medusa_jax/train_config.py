@@ -95,6 +95,8 @@ def _apply(obj, key: str, value: Any, full_key: str):
       value = type(current)(value)
     except (TypeError, ValueError):
       raise MedusaError(f"config key {full_key!r} needs a number, got {value!r}") from None
+  if isinstance(current, str) and value is None:  # `key=` clears a string (checked after for required keys)
+    value = ""
   if isinstance(current, str) and not isinstance(value, str):
     raise MedusaError(f"config key {full_key!r} needs a string, got {value!r}")
   if isinstance(current, list):

@@ -186,7 +186,7 @@ def _restore(cfg: TrainConfig, manager, step: int, target: dict) -> dict:
   except (OSError, ValueError):
     saved = None  # runs from before the file existed: orbax checks the shapes
   want = _shapes(target["params"])
-  if saved is not None and saved != want:
+  if isinstance(saved, dict) and saved != want:
     name = next((k for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)))
     raise MedusaError(f"the checkpoints under {cfg.output_dir} do not fit this base model and config: "
                       f"params{name} is {saved.get(name, 'absent')} there, {want.get(name, 'absent')} here")

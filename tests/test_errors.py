@@ -74,7 +74,7 @@ def test_sampling_settings_out_of_range():
       engine.generate_ids([[5, 6]], max_new_tokens=4, **kwargs)
 
 
-def test_atomic_dir_refuses_a_file_and_keeps_the_old_output_on_failure(tmp_path):
+def test_atomic_dir_refuses_a_file_and_keeps_the_old_output_on_failure(tmp_path, monkeypatch):
   from medusa_jax.atomic import atomic_dir
 
   (tmp_path / "file").write_text("x")
@@ -91,6 +91,19 @@ def test_atomic_dir_refuses_a_file_and_keeps_the_old_output_on_failure(tmp_path)
       open(os.path.join(tmp, "new.txt"), "w").close()
       raise RuntimeError("failed half way")
   assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == ["old.txt"]
+  rename = os.rename
+
+  def failing_rename(src, dst):  # the new output cannot be put in place (after the old one moved aside)
+    if os.path.basename(src).startswith(".tmp-"):
+      raise OSError("disk full")
+    rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", failing_rename)
+  with pytest.raises(OSError, match="disk full"):
+    with atomic_dir(str(tmp_path / "out"), force=True) as tmp:
+      open(os.path.join(tmp, "new.txt"), "w").close()
+  assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == ["old.txt"]
+  monkeypatch.setattr(os, "rename", rename)
   with atomic_dir(str(tmp_path / "out"), force=True) as tmp:
     open(os.path.join(tmp, "new.txt"), "w").close()
   assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == ["new.txt"]

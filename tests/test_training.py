@@ -437,8 +437,8 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["eval_every=-1"], "'eval_every' must be >= 0"),
     (["learning_rate=0"], "'learning_rate' must be positive"),
     (["eval_fraction=1"], r"'eval_fraction' must be in \[0, 1\)"),
-    (["model="], "'model' needs a string, got None"),
-    (["output_dir="], "'output_dir' needs a string"),
+    (["model="], "'model' must not be empty"),
+    (["output_dir=3"], "'output_dir' needs a string, got 3"),
     (["data=5"], "'data' needs a path or a list of paths"),
 ])
 def test_bad_config(tmp_path, overrides, message):
@@ -459,6 +459,11 @@ def test_cli_bad_key_one_line(tmp_path):
                          "bogus.key=1"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == ["error: unknown config key 'bogus.key'"]
+
+
+def test_empty_override_clears_an_optional_path():
+  cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m.yaml"), ["hidden_cache_dir=", "init_heads="])
+  assert cfg.hidden_cache_dir == "" and cfg.init_heads == ""
 
 
 def test_config_file_must_be_a_mapping(tmp_path):
