@@ -1,7 +1,7 @@
 """Decode step time against the memory-bandwidth floor: a plain step and Medusa tree steps of
 several sizes, at several batch sizes, with `--context` tokens already cached.
 
-    python infer/bench_step.py --model random:llama3-8b --dtype bfloat16 --trees 0 4 16 64 --batch 1 4 16
+    python infer/bench_step.py --model random:llama3-8b --dtype bfloat16 --trees 0 4 16 63 --batch 1 4 16
 
 A decode step must read every weight it uses once (the embedding table only for the rows it looks
 up, unless the lm_head shares it) and the cached keys and values of the context, so it can take no
@@ -61,7 +61,7 @@ def main(argv=None):
   p.add_argument("--model", default="random:llama3-8b")
   p.add_argument("--heads", default="random", help="'random' or a heads directory")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--trees", nargs="+", default=["0", "4", "16", "64"],
+  p.add_argument("--trees", nargs="+", default=["0", "4", "16", "63"],
                  help="0: plain step; N: the first N paths of mc_sim_7b_63; or a tree name / JSON file")
   p.add_argument("--batch", nargs="+", type=int, default=[1])
   p.add_argument("--context", type=int, default=256, help="tokens already cached per row")

@@ -56,3 +56,9 @@ def test_bench_step_bad_flags(capsys):
       bench_step.main(["--model", "random:tiny", *flags])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[0].startswith(f"error: {message}")
+
+
+def test_bench_step_defaults_run(capsys):
+  bench_step.main(["--model", "random:tiny", "--dtype", "float32", "--repeats", "1", "--context", "30", "--json"])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["tokens_per_row"] for r in rows] == [1, 5, 17, 64]
