@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.cli import main_guard, quiet_logs, require_positive  # noqa: E402
 
 # Peak memory bandwidth in GB/s per device, by a substring of `jax.Device.device_kind` (first match).
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
@@ -80,8 +80,9 @@ def main(argv=None):
   from medusa_jax.step_timing import step_seconds
   from medusa_jax.tree import MC_SIM_7B_63
 
-  if min(args.batch) < 1 or args.context < 1 or args.repeats < 1:
-    raise MedusaError("--batch, --context and --repeats must be at least 1")
+  require_positive(args, "context", "repeats")
+  if min(args.batch) < 1:
+    raise MedusaError(f"--batch sizes must be at least 1, got {min(args.batch)}")
   if any(t.isdigit() and int(t) > len(MC_SIM_7B_63) for t in args.trees):
     raise MedusaError(f"--trees N takes at most the {len(MC_SIM_7B_63)} paths of mc_sim_7b_63")
   loaded = load(args.model, dtype=args.dtype)

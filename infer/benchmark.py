@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.atomic import write_text  # noqa: E402
-from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.cli import main_guard, quiet_logs, require_positive  # noqa: E402
 from medusa_jax.draft_vocab import DEFAULT_SIZE  # noqa: E402
 from medusa_jax.errors import MedusaError  # noqa: E402
 
@@ -81,11 +81,7 @@ def main(argv=None):
     if not args.tree_nodes.isdigit():
       raise MedusaError(f"--tree-nodes takes a number of nodes or 'auto', got {args.tree_nodes!r}")
     args.tree_nodes = int(args.tree_nodes)
-  for name in ("max_new_tokens", "batch_size"):
-    if getattr(args, name) < 1:
-      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-  if args.max_prompts is not None and args.max_prompts < 1:
-    raise MedusaError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+  require_positive(args, "max_prompts", "max_new_tokens", "batch_size")
   for name in ("out", "plot", "save_tree"):  # before the run, not after it
     path = getattr(args, name)
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):

@@ -14,6 +14,16 @@ def quiet_logs() -> None:
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def require_positive(args, *names: str) -> None:
+  """A one-line error for the first of these argparse flags (None: not given) below 1."""
+  from medusa_jax.errors import MedusaError
+
+  for name in names:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def main_guard(fn):
   """Runs `fn`; a MedusaError (bad input) or a missing file prints `error: ...` and exits 2."""
 

@@ -49,7 +49,8 @@ def test_bench_step_cli(capsys):
 
 
 def test_bench_step_bad_flags(capsys):
-  for flags, message in [(["--batch", "0"], "--batch, --context and --repeats must be at least 1"),
+  for flags, message in [(["--batch", "0"], "--batch sizes must be at least 1, got 0"),
+                         (["--repeats", "0"], "--repeats must be at least 1, got 0"),
                          (["--trees", "99"], "--trees N takes at most the 63 paths of mc_sim_7b_63"),
                          (["--trees", "nope"], "unknown tree 'nope'")]:
     with pytest.raises(SystemExit) as exit_:

@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.atomic import write_text  # noqa: E402
-from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
+from medusa_jax.cli import main_guard, quiet_logs, require_positive  # noqa: E402
 
 
 def interleave(groups):
@@ -91,11 +91,7 @@ def main(argv=None):
   from medusa_jax.data import load_conversations, split
   from medusa_jax.errors import MedusaError
 
-  for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-    if getattr(args, name) < 1:
-      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-  if args.max_prompts is not None and args.max_prompts < 1:
-    raise MedusaError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+  require_positive(args, "max_prompts", "max_new_tokens", "batch_size", "max_prompt_tokens")
   if not 0 <= args.eval_fraction < 1:
     raise MedusaError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
   done = _read_done(args.out)
