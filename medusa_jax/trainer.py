@@ -55,9 +55,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 def _row_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
-                   batch_size: int) -> list[dict]:
+                   batch_size: int, progress: bool = False) -> list[dict]:
   """Per row of `tokens`: NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for
   the `n` positions of that row that some head has a target at."""
+  from tqdm import tqdm
+
   fwd = jax.jit(lambda s, t, m: position_targets(backbone_hidden(nnx.merge(base_graphdef, s), t), t, m,
                                                  num_heads))
   # Causality: positions past a row's last assistant token change nothing before it, so rows
@@ -65,7 +67,8 @@ def _row_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarr
   ends = np.asarray([int(np.nonzero(m)[0].max()) + 1 if m.any() else 0 for m in mask])
   order = np.argsort(ends, kind="stable")
   out: list = [None] * len(tokens)
-  for i in range(0, len(order), batch_size):
+  for i in tqdm(range(0, len(order), batch_size), desc="hidden states", unit="batch",
+                disable=not progress):
     rows = order[i: i + batch_size]
     width = min(tokens.shape[1], -(-int(ends[rows].max()) // 64) * 64)
     p = jax.device_get(fwd(base_state, jnp.asarray(tokens[rows, :width]), jnp.asarray(mask[rows, :width])))
@@ -81,20 +84,22 @@ def _concat(parts: list[dict]) -> dict:
 
 
 def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndarray, num_heads: int,
-                    batch_size: int) -> dict:
+                    batch_size: int, progress: bool = False) -> dict:
   """Medusa-1 with a frozen backbone: its hidden states never change, so they are computed once.
   Returns NumPy {"hidden" `[n, embed]`, "targets", "valid" `[n, num_heads]`} for the `n` positions
   that some head has a target at, row by row (prompt and padding positions are dropped)."""
-  return _concat(_row_positions(base_graphdef, base_state, tokens, mask, num_heads, batch_size))
+  return _concat(_row_positions(base_graphdef, base_state, tokens, mask, num_heads, batch_size,
+                                progress))
 
 
 def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.ndarray,
-                      mask: np.ndarray) -> dict:
+                      mask: np.ndarray, progress: bool = False) -> dict:
   """`cache_positions`, kept in `cfg.hidden_cache_dir` (when set) row by row, under a fingerprint
   of the model spec, compute dtype and head count and of each row's tokens: later runs on the same
   rows (head sweeps) reuse them, and a run on grown data computes only the new rows."""
   if not cfg.hidden_cache_dir:
-    return cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size)
+    return cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size,
+                           progress)
   model_key = hashlib.sha256("\0".join((cfg.model, cfg.compute_dtype, str(cfg.num_heads))).encode())
   folder = os.path.join(cfg.hidden_cache_dir, f"positions-{model_key.hexdigest()[:16]}")
   keys = [hashlib.sha256(np.ascontiguousarray(t).tobytes() + np.ascontiguousarray(m).tobytes())
@@ -111,7 +116,7 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
   missing = list({key: i for i, key in enumerate(keys) if key not in stored}.values())
   if missing:
     new = _row_positions(base_graphdef, base_state, tokens[missing], mask[missing], cfg.num_heads,
-                         cfg.batch_size)
+                         cfg.batch_size, progress)
     shard = {"keys": np.asarray([keys[i] for i in missing]),
              "counts": np.asarray([len(p["hidden"]) for p in new])} | _concat(new)
     os.makedirs(folder, exist_ok=True)
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_at: int | None = None
   data, ev_data = {"tokens": tokens, "mask": mask}, {"tokens": ev_tokens, "mask": ev_mask}
   per_step = cfg.batch_size
   if cfg.cache_hidden:  # steps draw `batch_size * seq_len` labelled positions, not padded rows
-    positions = [_stored_positions(cfg, base_graphdef, base_state, d["tokens"], d["mask"])
+    positions = [_stored_positions(cfg, base_graphdef, base_state, d["tokens"], d["mask"], progress)
                  for d in (data, ev_data)]
     if cfg.teacher_top_k:
       for p, d in zip(positions, (data, ev_data)):

@@ -351,9 +351,9 @@ def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
   computed = []
   real = trainer._row_positions
 
-  def counting(graphdef, state, t, m, *args):
+  def counting(graphdef, state, t, m, *args, **kwargs):
     computed.append(len(t))
-    return real(graphdef, state, t, m, *args)
+    return real(graphdef, state, t, m, *args, **kwargs)
 
   monkeypatch.setattr(trainer, "_row_positions", counting)
   folder, = (tmp_path / "cache").iterdir()
