@@ -36,6 +36,9 @@ def parse_args(argv=None):
   p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "
                       "draft_vocab.json (0: the whole vocabulary)")
+  p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
+                 help="Medusa at temperature > 0: lossless (the baseline's distribution) or "
+                      "typical (Medusa's typical acceptance: more tokens per step, not lossless)")
   p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
   p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance delta")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -58,7 +61,7 @@ def main(argv=None):
   prompts = args.prompt or [DEMO_PROMPT]
   results = engine.generate(prompts, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, mode=mode,
-                            posterior_threshold=args.posterior_threshold,
+                            acceptance=args.acceptance, posterior_threshold=args.posterior_threshold,
                             posterior_alpha=args.posterior_alpha, chat=not args.no_chat,
                             seed=args.seed)
   for prompt, r in zip(prompts, results):

@@ -147,14 +147,19 @@ class Engine:
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, mode: str = "auto",
-                   posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, seed: int = 0):
+                   acceptance: str = "lossless", posterior_threshold: float = 0.09,
+                   posterior_alpha: float = 0.3, seed: int = 0):
     """Token-level generation. Returns (`[batch, max_new_tokens]` tokens, new token counts, steps)
     as NumPy arrays, and the seconds the device run took (compilation excluded).
 
-    Medusa mode is greedy at temperature 0 (identical to baseline greedy) and uses typical
-    acceptance (`posterior_threshold`, `posterior_alpha`) at temperature > 0.
+    Medusa mode is greedy at temperature 0 (identical to baseline greedy). At temperature > 0,
+    `acceptance="lossless"` samples exactly as the baseline does (temperature, top-p; recursive
+    rejection sampling over the tree), `"typical"` uses Medusa's typical acceptance
+    (`posterior_threshold`, `posterior_alpha`; faster, not the same distribution, ignores top-p).
     """
     mode = self.resolve_mode(mode)
+    if acceptance not in ("lossless", "typical"):
+      raise MedusaError(f"unknown acceptance {acceptance!r}; use lossless or typical")
     if not temperature >= 0:
       raise MedusaError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -173,16 +178,18 @@ class Engine:
       out, seconds = self._call(baseline_generate, self.state, *args,
                                 sampling=SamplingParams(float(temperature), float(top_p)), **common)
     else:
-      typical = None if temperature <= 0 else TypicalParams(
-          float(temperature), float(posterior_threshold), float(posterior_alpha))
+      rule = (None if temperature <= 0 else
+              SamplingParams(float(temperature), float(top_p)) if acceptance == "lossless" else
+              TypicalParams(float(temperature), float(posterior_threshold), float(posterior_alpha)))
       out, seconds = self._call(medusa_generate, self.state, self.heads_state, self.draft, *args,
-                                heads_graphdef=self.heads_graphdef, tree=self.tree, typical=typical,
+                                heads_graphdef=self.heads_graphdef, tree=self.tree, rule=rule,
                                 **common)
     return np.asarray(out.tokens), np.asarray(out.num_tokens), np.asarray(out.steps), seconds
 
   def generate(self, prompts: str | Sequence[str | Sequence[Message]], *, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, mode: str = "auto",
-               posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, chat: bool = True,
+               acceptance: str = "lossless", posterior_threshold: float = 0.09,
+               posterior_alpha: float = 0.3, chat: bool = True,
                seed: int = 0) -> Generation | list[Generation]:
     """Answers one prompt (returns a `Generation`) or a batch (returns a list)."""
     single = isinstance(prompts, str)
@@ -190,7 +197,8 @@ class Engine:
     ids = [self.encode(p, chat) for p in batch]
     tokens, counts, steps, seconds = self.generate_ids(
         ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, mode=mode,
-        posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed)
+        acceptance=acceptance, posterior_threshold=posterior_threshold,
+        posterior_alpha=posterior_alpha, seed=seed)
     results = []
     for row, n, s in zip(tokens, counts, steps):
       new = [int(t) for t in row[: int(n)]]

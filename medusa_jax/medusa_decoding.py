@@ -16,18 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medusa_jax.acceptance import TypicalParams, choose_path, node_acceptance, typical_sample
+from medusa_jax.acceptance import Rule, accept, first_token
 from medusa_jax.draft_vocab import DraftVocab
 from medusa_jax.decoding import DecodeOutput, output_buffer, prefill, record
 from medusa_jax.heads import MedusaHeads
 from medusa_jax.kv_cache import KVCache
 from medusa_jax.llama import Llama
 from medusa_jax.tree import Tree
-
-
-def _next_token(logits, key, typical):
-  return (jnp.argmax(logits, axis=-1).astype(jnp.int32) if typical is None
-          else typical_sample(logits, key, typical))
 
 
 def heads_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree,
@@ -47,22 +42,19 @@ def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
 
 
 def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, top: jax.Array,
-                tree: Tree, key: jax.Array, typical: TypicalParams | None,
-                draft: DraftVocab | None = None):
+                tree: Tree, key: jax.Array, rule: Rule, draft: DraftVocab | None = None):
   """One tree step. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with
   the accepted path committed, next root `[batch]`, next heads' top-k).
 
-  One vocab matmul over every tree node gives the logits for acceptance and the bonus token;
-  the heads then project only the last accepted node, over the drafting vocabulary `draft`."""
+  One vocab matmul over every tree node gives the logits for acceptance and the bonus token
+  (`acceptance.accept` under `rule`); the heads then project only the last accepted node, over
+  the drafting vocabulary `draft`."""
   tokens = tree_tokens(root, top, tree)
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
   hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
   logits = model.logits(hidden)  # [b, T, vocab]
-  ok, logp = node_acceptance(tokens, jnp.take(logits, jnp.asarray(tree.internal), axis=1), tree, typical)
-  best, accepted = choose_path(ok, logp, tree)
-  path = jnp.take(jnp.asarray(tree.retrieve), best, axis=0)  # [b, D+1] node ids, root first
+  path, accepted, bonus = accept(tokens, logits, tree, rule, key)  # path: [b, D+1] node ids, root first
   last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
-  bonus = _next_token(jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0], key, typical)
   last_hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0]
   next_top = heads_top(model, heads, last_hidden, tree, draft)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
@@ -74,14 +66,15 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
-                                             "cache_len", "typical", "pad_id", "cache_dtype"))
+                                             "cache_len", "rule", "pad_id", "cache_dtype"))
 def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab | None,
                     tokens: jax.Array, prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
                     graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef, tree: Tree, max_new_tokens: int,
-                    cache_len: int, typical: TypicalParams | None, pad_id: int,
+                    cache_len: int, rule: Rule, pad_id: int,
                     cache_dtype=jnp.float32) -> DecodeOutput:
-  """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`); greedy when
-  `typical` is None; the heads draft from `draft` (None: the whole vocabulary). `cache_len` must
+  """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`) under the
+  acceptance `rule` (None: greedy; `acceptance.py`); the heads draft from `draft` (None: the whole
+  vocabulary). `cache_len` must
   be at least P + max_new_tokens + tree.size."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
@@ -89,7 +82,7 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
   logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
-  root = _next_token(logits, sub, typical)  # from the very logits the baseline's first token comes from
+  root = first_token(logits, sub, rule)  # from the very logits (and key) the baseline's first token comes from
   top = heads_top(model, heads, hidden, tree, draft)
   zeros = jnp.zeros((batch,), jnp.int32)
   out, count, done = record(output_buffer(batch, max_new_tokens, tree.depth + 1, pad_id), zeros,
@@ -102,7 +95,7 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
     cache, root, top, out, count, done, steps, key = carry
     key, sub = jax.random.split(key)
     emitted, n, new_cache, new_root, new_top = medusa_step(model, heads, cache, root, top, tree, sub,
-                                                           typical, draft)
+                                                           rule, draft)
     new_cache = KVCache(new_cache.keys, new_cache.values, jnp.where(done, cache.lengths, new_cache.lengths))
     steps = steps + (~done).astype(jnp.int32)
     out, count, done = record(out, count, emitted, n, done, eos_ids, max_new_tokens)

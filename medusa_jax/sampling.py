@@ -31,9 +31,14 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
+def sampling_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+  """`[..., vocab]` logits -> those `sample` draws from at temperature > 0: scaled by the
+  temperature, `-inf` outside the top-p set."""
+  return top_p_filter(logits / params.temperature, params.top_p)
+
+
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
   """`[batch, vocab]` float32 logits -> `[batch]` int32 tokens."""
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = top_p_filter(logits / params.temperature, params.top_p)
-  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, sampling_logits(logits, params), axis=-1).astype(jnp.int32)

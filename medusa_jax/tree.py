@@ -12,6 +12,8 @@ Buffers (NumPy, static under jit):
   retrieve_mask    `[L, D + 1]` bool: which entries of `retrieve` are real (no -1 tricks)
   internal         `[I]` int: the nodes with children, root first (acceptance reads only their logits)
   parent_slot      `[T]` int: where each node's parent sits in `internal` (0 for the root)
+  earlier_siblings `[T, T]` bool: [n, s] when s shares n's parent and comes before it (a lower
+                   rank of the same head); lossless sampling tries siblings in this order
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ class Tree:
     """`[T]` index into `internal` of each node's parent (0, the root's slot, for the root)."""
     slot = {int(n): i for i, n in enumerate(self.internal)}
     return np.asarray([0] + [slot[int(p)] for p in self.parents[1:]], np.int32)
+
+  @functools.cached_property
+  def earlier_siblings(self) -> np.ndarray:
+    """`[T, T]` bool: `[n, s]` when node s has n's parent and a lower node index (the root has none)."""
+    index = np.arange(self.size)
+    same_parent = (self.parents[:, None] == self.parents[None, :]) & (self.parents[:, None] >= 0)
+    return same_parent & (index[None, :] < index[:, None])
 
   @functools.cached_property
   def mask(self) -> np.ndarray:

@@ -69,7 +69,8 @@ def test_sampling_settings_out_of_range():
   engine = Engine(random_model(preset("tiny")), ByteTokenizer(), max_cache_len=64)
   for kwargs, message in [({"temperature": -1.0}, "temperature must be >= 0"),
                           ({"temperature": 0.7, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-                          ({"top_p": 2.0}, r"top_p must be in \(0, 1\]")]:
+                          ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"),
+                          ({"acceptance": "exact"}, "unknown acceptance 'exact'; use lossless or typical")]:
     with pytest.raises(MedusaError, match=message):
       engine.generate_ids([[5, 6]], max_new_tokens=4, **kwargs)
 

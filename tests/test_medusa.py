@@ -163,3 +163,62 @@ def test_typical_sampling_runs_and_counts(tiny):
                                                mode="medusa", temperature=0.8, seed=1)
   assert (counts == 30).all() and (steps <= counts).all()
   assert ((tokens >= 0) & (tokens < 512)).all()
+
+
+def _markov_model(vocab=16, seed=0):
+  """A backbone whose next-token distribution depends only on the current token (random
+  transition logits): one-hot embeddings, zeroed attention and MLP outputs."""
+  config = dataclasses.replace(preset("tiny"), vocab_size=vocab, hidden_size=vocab,
+                               tie_embeddings=False, eos_token_ids=(vocab - 1,))
+  model = random_model(config, seed=seed)
+  model.embed.embedding[...] = jnp.eye(vocab)
+  rng = np.random.default_rng(seed)
+  model.lm_head.kernel[...] = jnp.asarray(rng.normal(size=(vocab, vocab)) * 0.5, jnp.float32)
+  for layer in model.layers:
+    layer.attn.o[...] = jnp.zeros_like(layer.attn.o[...])
+    layer.mlp.down.kernel[...] = jnp.zeros_like(layer.mlp.down.kernel[...])
+  return model
+
+
+def _transitions_agree(samples: np.ndarray, start: int, transition: np.ndarray) -> bool:
+  """Whether every observed next-token frequency after each token (pooled over positions) lies
+  within 5 standard deviations (+1e-3) of `transition`'s row."""
+  prev = np.concatenate([np.full((len(samples), 1), start), samples[:, :-1]], axis=1).ravel()
+  nxt = samples.ravel()
+  for c in np.unique(prev):
+    seen = nxt[prev == c]
+    freq = np.bincount(seen, minlength=len(transition)) / len(seen)
+    sigma = np.sqrt(transition[c] * (1 - transition[c]) / len(seen))
+    if (np.abs(freq - transition[c]) > 5 * sigma + 1e-3).any():
+      return False
+  return True
+
+
+def test_lossless_sampling_draws_from_the_models_distribution():
+  """Medusa sampling at temperature > 0 against the exact distribution of a Markov-chain model
+  (and the baseline against it, to show the check is fair); typical acceptance, which is not
+  lossless, fails the same check. Heads guess the most likely tokens k + 2 ahead, so steps
+  accept several tokens."""
+  from medusa_jax.sampling import SamplingParams, sampling_logits
+
+  vocab, rows, n = 16, 2048, 6
+  model = _markov_model(vocab)
+  sampling = SamplingParams(temperature=0.9, top_p=0.95)
+  logits, _, _ = model(jnp.arange(vocab)[:, None], jnp.zeros((vocab, 1), jnp.int32))
+  transition = np.asarray(jax.nn.softmax(sampling_logits(logits[:, 0], sampling)), np.float64)
+  heads = MedusaHeads.for_model(model, HeadsConfig(4, 1, share_lm_head=False))
+  power = transition
+  for lm in heads.lm_heads:  # head k ranks tokens by their probability k + 2 steps ahead
+    power = power @ transition
+    lm.kernel[...] = jnp.asarray(np.log(power + 1e-9), jnp.float32)
+  engine = Engine(model, ByteTokenizer(), heads=heads, tree="mc_sim_7b_63", max_cache_len=256)
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)  # never stop early
+  prompts = [[3, 5, 7]] * rows
+  kw = dict(max_new_tokens=n, temperature=sampling.temperature, top_p=sampling.top_p, seed=1)
+  base, _, _, _ = engine.generate_ids(prompts, mode="baseline", **kw)
+  med, counts, steps, _ = engine.generate_ids(prompts, mode="medusa", **kw)
+  typ, _, _, _ = engine.generate_ids(prompts, mode="medusa", acceptance="typical", **kw)
+  assert (counts == n).all() and counts.sum() / steps.sum() > 1.5  # the tree is exercised
+  assert _transitions_agree(base, 7, transition)
+  assert _transitions_agree(med, 7, transition)
+  assert not _transitions_agree(typ, 7, transition)

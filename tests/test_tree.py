@@ -36,6 +36,10 @@ def test_small_tree_buffers_by_hand():
   # nodes 4, 5, 6 are leaves: acceptance needs logits at the root and nodes 1, 2, 3 only
   np.testing.assert_array_equal(t.internal, [0, 1, 2, 3])
   np.testing.assert_array_equal(t.parent_slot, [0, 0, 0, 1, 1, 2, 3])
+  # siblings tried before each node: node 2 after 1 (the root's children), node 4 after 3 (node 1's)
+  earlier = np.zeros((7, 7), bool)
+  earlier[2, 1] = earlier[4, 3] = True
+  np.testing.assert_array_equal(t.earlier_siblings, earlier)
 
 
 def test_default_tree_shape():
