@@ -65,8 +65,10 @@ def main(argv=None):
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
   p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
-                 help="Medusa at temperature > 0 (as infer/generate.py's)")
+                 help="Medusa at temperature > 0 (as infer/generate.py's; at temperature > 0 the "
+                      "two modes draw different samples, so identical_fraction says nothing)")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--plot", default=None, help="PNG: tokens per step and speedup per category")
@@ -111,7 +113,7 @@ def main(argv=None):
     if args.out:
       write_text(args.out, json.dumps({"heads_accuracy": accuracy}, indent=2))
     return
-  settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+  settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   acceptance=args.acceptance)  # acceptance: Medusa's rule (the baseline has none)
   warm = engine.encode(convs[0].user_turns[0])
   for mode in ("baseline", "medusa"):  # warm-up: compile both programs before timing

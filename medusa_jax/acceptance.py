@@ -96,6 +96,8 @@ def lossless_acceptance(tokens: jax.Array, internal_probs: jax.Array, uniform: j
   rows = jnp.arange(tokens.shape[0])[:, None]
   p = internal_probs[rows, jnp.asarray(tree.parent_slot)[None, :], tokens]  # [b, T]
   earlier = jnp.asarray(tree.earlier_siblings)[None]  # [1, T, T]
+  repeated = jnp.any(earlier & (tokens[:, :, None] == tokens[:, None, :]), axis=-1)
+  p = jnp.where(repeated, 0.0, p)  # a token already tried here (heads' top-k never repeat one)
   left = 1.0 - jnp.sum(jnp.where(earlier, p[:, None, :], 0.0), axis=-1)  # mass the earlier ones left
   passed = (uniform * left < p) & (p > 0)  # u < p / left, without dividing by a vanishing `left`
   return passed & ~jnp.any(earlier & passed[:, None, :], axis=-1)
@@ -114,6 +116,8 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
   """tokens `[batch, T]`, the base model's logits at every tree node `[batch, T, vocab]` -> (the
   kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
   bonus token `[batch]`). The accepted tokens are `tokens` at `path[:, 1 : accepted + 1]`."""
+  if isinstance(rule, SamplingParams) and rule.greedy:
+    rule = None
   internal = jnp.take(logits, jnp.asarray(tree.internal), axis=1)
   key_accept, key_bonus = jax.random.split(key)
   if isinstance(rule, SamplingParams):
@@ -130,8 +134,10 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
     return path, accepted, first_token(last_logits, key_bonus, rule)
   # every child of the last node was tried and rejected: draw from p without their tokens
   children = jnp.asarray(tree.parents)[None, :] == last  # [b, T]
-  drafted = jnp.zeros(last_logits.shape, bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].max(children)
+  vocab = last_logits.shape[-1]
   scaled = sampling_logits(last_logits, rule)
-  residual = jnp.where(drafted, -jnp.inf, scaled)
+  residual = scaled.at[jnp.arange(tokens.shape[0])[:, None], jnp.where(children, tokens, vocab)].set(
+      -jnp.inf, mode="drop")
+  # all of p on the children yet all rejected: only by rounding (~1e-7); draw from p then
   residual = jnp.where(jnp.any(residual > -jnp.inf, axis=-1, keepdims=True), residual, scaled)
   return path, accepted, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32)

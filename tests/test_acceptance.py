@@ -87,7 +87,8 @@ def _top_p_probs(logits, temperature, top_p):
   return p / p.sum()
 
 
-def test_lossless_sampling_emits_the_target_distribution():
+@pytest.mark.parametrize("guesses", [[2, 4, 1, 3, 1], [2, 2, 1, 3, 1]])  # the second repeats a token
+def test_lossless_sampling_emits_the_target_distribution(guesses):
   """Recursive rejection sampling over a hand-built tree, 200k draws: every emitted token follows
   its node's distribution (temperature + top-p), whatever the heads guessed."""
   tree = get_tree([[0], [1], [0, 0], [0, 1], [1, 0]])  # nodes: root, [0], [1], [0,0], [0,1], [1,0]
@@ -97,7 +98,7 @@ def test_lossless_sampling_emits_the_target_distribution():
   probs[0] = [0.05, 0.1, 0.35, 0.05, 0.25, 0.2]  # the root's children (tokens 2, 4) are likely
   probs[1] = [0.1, 0.4, 0.1, 0.3, 0.05, 0.05]    # node [0]'s children (tokens 1, 3) too
   logits = np.log(probs).astype(np.float32)
-  tokens = np.array([0, 2, 4, 1, 3, 1], np.int32)  # root, then each node's guess
+  tokens = np.array([0] + guesses, np.int32)  # root, then each node's guess
   rule = SamplingParams(temperature=0.8, top_p=0.9)
   target = np.stack([_top_p_probs(l, 0.8, 0.9) for l in logits])
   path, accepted, bonus = jax.jit(accept, static_argnames=("tree", "rule"))(
