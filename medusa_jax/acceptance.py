@@ -112,10 +112,11 @@ def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
 
 
 def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
-           key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+           key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """tokens `[batch, T]`, the base model's logits at every tree node `[batch, T, vocab]` -> (the
   kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
-  bonus token `[batch]`). The accepted tokens are `tokens` at `path[:, 1 : accepted + 1]`."""
+  last accepted node `[batch, 1]`; the bonus token `[batch]`, drawn there). The accepted tokens
+  are `tokens` at `path[:, 1 : accepted + 1]`."""
   if isinstance(rule, SamplingParams) and rule.greedy:
     rule = None
   internal = jnp.take(logits, jnp.asarray(tree.internal), axis=1)
@@ -131,7 +132,7 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
   last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
   last_logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
   if not isinstance(rule, SamplingParams):
-    return path, accepted, first_token(last_logits, key_bonus, rule)
+    return path, accepted, last, first_token(last_logits, key_bonus, rule)
   # every child of the last node was tried and rejected: draw from p without their tokens
   children = jnp.asarray(tree.parents)[None, :] == last  # [b, T]
   vocab = last_logits.shape[-1]
@@ -140,4 +141,4 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
       -jnp.inf, mode="drop")
   # all of p on the children yet all rejected: only by rounding (~1e-7); draw from p then
   residual = jnp.where(jnp.any(residual > -jnp.inf, axis=-1, keepdims=True), residual, scaled)
-  return path, accepted, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32)
+  return path, accepted, last, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32)

@@ -53,8 +53,7 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
   hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
   logits = model.logits(hidden)  # [b, T, vocab]
-  path, accepted, bonus = accept(tokens, logits, tree, rule, key)  # path: [b, D+1] node ids, root first
-  last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
+  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)  # path: [b, D+1] node ids
   last_hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0]
   next_top = heads_top(model, heads, last_hidden, tree, draft)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
@@ -74,8 +73,7 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
                     cache_dtype=jnp.float32) -> DecodeOutput:
   """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`) under the
   acceptance `rule` (None: greedy; `acceptance.py`); the heads draft from `draft` (None: the whole
-  vocabulary). `cache_len` must
-  be at least P + max_new_tokens + tree.size."""
+  vocabulary). `cache_len` must be at least P + max_new_tokens + tree.size."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
   batch = tokens.shape[0]

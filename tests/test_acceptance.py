@@ -101,7 +101,7 @@ def test_lossless_sampling_emits_the_target_distribution(guesses):
   tokens = np.array([0] + guesses, np.int32)  # root, then each node's guess
   rule = SamplingParams(temperature=0.8, top_p=0.9)
   target = np.stack([_top_p_probs(l, 0.8, 0.9) for l in logits])
-  path, accepted, bonus = jax.jit(accept, static_argnames=("tree", "rule"))(
+  path, accepted, _, bonus = jax.jit(accept, static_argnames=("tree", "rule"))(
       jnp.asarray(np.broadcast_to(tokens, (n, tree.size))),
       jnp.asarray(np.broadcast_to(logits, (n, tree.size, vocab))), tree=tree, rule=rule,
       key=jax.random.PRNGKey(0))

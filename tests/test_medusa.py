@@ -18,6 +18,7 @@ from medusa_jax.heads import HeadsConfig, MedusaHeads
 from medusa_jax.kv_cache import KVCache
 from medusa_jax.loading import random_model
 from medusa_jax.medusa_decoding import medusa_step
+from medusa_jax.sampling import SamplingParams, sampling_logits
 from medusa_jax.tokenizer import ByteTokenizer
 from medusa_jax.tree import get_tree
 
@@ -199,8 +200,6 @@ def test_lossless_sampling_draws_from_the_models_distribution():
   (and the baseline against it, to show the check is fair); typical acceptance, which is not
   lossless, fails the same check. Heads guess the most likely tokens k + 2 ahead, so steps
   accept several tokens."""
-  from medusa_jax.sampling import SamplingParams, sampling_logits
-
   vocab, rows, n = 16, 2048, 6
   model = _markov_model(vocab)
   sampling = SamplingParams(temperature=0.9, top_p=0.95)
