@@ -14,7 +14,8 @@ adds after the path (the bonus token). Three rules, chosen by a static `rule`:
   change only how many tokens a step emits.
 - `TypicalParams`, typical acceptance (Medusa's): acceptable when
   `p(tokens[i]) > min(epsilon, delta * exp(-H(p)))`, p = softmax(logits[parent] / T); not
-  lossless, by design. Bonus: drawn from the tokens above that threshold.
+  lossless, by design. Bonus: drawn from the tokens above that threshold (the argmax always
+  among them).
 A path is accepted up to its first unacceptable node. The longest accepted prefix wins; ties go
 to the highest summed log-probability of the accepted tokens (greedy: the first such path;
 lossless sampling accepts at most one child per node, so it has no ties).

@@ -3,12 +3,12 @@ and jointly along tree paths, and the tokens per step a tree would accept.
 
 At a decode position t, head k's guess of rank i is right when it is the token the base model
 emits k + 2 ahead. A tree path `(i0, i1, ...)` is right at t when each head's guess along it is.
-Because the tree's nodes at one depth hold different tokens, at most one node per depth is right,
-so a tree step at t accepts 1 + the number of its paths right at t (`path_counts` sums those over
+A path is right only where its parent is, and siblings hold different guesses, so at most one
+node per depth is right and a tree step at t accepts 1 + the number of its paths right at t (`path_counts` sums those over
 positions; `tree.tree_from_path_counts` builds the tree of a given size that is right most often).
 Decoding does not visit every position, though: the next step starts where this one stopped, and
 steps stop at hard positions, so `expected_tokens_per_step` replays the tree along each answer
-(the per-position mean overstates it by 13-17% for the shipped heads, while the replay matches
+(the per-position mean overstated it by 13-17% for session 8's heads, while the replay matches
 decoding's tokens per step; BENCHMARKS.md, session 9).
 """
 
@@ -34,7 +34,8 @@ def tokens_per_step(answer_ranks: Sequence[np.ndarray], paths: Sequence[Sequence
   """Tokens per step of greedy Medusa decoding with the tree `paths`, replayed on answers whose
   heads' ranks are `answer_ranks` (one `[num_heads, answer_len]` array per answer: at column i, the
   rank of the right token among head k's guesses at the position that emits answer token i; -1
-  where none). As decoding counts them: the prefill step emits token 0; a tree step at column i
+  where head k has no target there, the vocabulary size where the token is outside the drafting
+  vocabulary). As decoding counts them: the prefill step emits token 0; a tree step at column i
   emits tokens i+1 .. i+1+d (d: the longest path right there; no more than the answer has left),
   and the next step starts at the last of them."""
   tokens = steps = 0

@@ -1,7 +1,7 @@
 """Medusa candidate trees and the static buffers built from them, once per tree.
 
-A tree is a set of paths ("medusa_choices"): `(a, b, c)` is the top-`a` token of head 0, then the
-top-`b` of head 1, then the top-`c` of head 2. Node 0 is the root (the token the base model just
+A tree is a set of paths ("medusa_choices") of 0-based ranks: `(a, b, c)` is head 0's guess of
+rank `a` (0: its top guess), then head 1's of rank `b`, then head 2's of rank `c`. Node 0 is the root (the token the base model just
 chose); nodes 1..n are the paths sorted by (depth, path), so a parent always precedes its children.
 
 Buffers (NumPy, static under jit):
