@@ -180,7 +180,9 @@ def _heads_accuracy(engine, convs, args) -> dict:
   def best_tree(n):
     return tree_from_path_counts(acc.path_counts, n, num_heads=len(top1), topk=args.topk)
 
-  sizes = sorted({1, 2, 4, 8, 16, 32, 64} | ({args.tree_nodes} if isinstance(args.tree_nodes, int) else set()))
+  most = sum(args.topk ** d for d in range(1, len(top1) + 1))  # paths of ranks below topk
+  sizes = sorted({2 ** i for i in range(11) if 2 ** i < most} | {min(most, 1024)}
+                 | ({args.tree_nodes} if isinstance(args.tree_nodes, int) else set()))
   expected = {n: round(acc.expected_tokens_per_step(best_tree(n)), 4) for n in sizes}
   print("tokens per step the best tree of N nodes would reach on these answers: "
         + ", ".join(f"N={n}: {v:.2f}" for n, v in expected.items()))
@@ -202,18 +204,23 @@ def _heads_accuracy(engine, convs, args) -> dict:
 
 
 def _tune_tree_size(engine, best_tree, expected: dict) -> dict:
-  """Times a plain step and a step over the best tree of each size on this device; predicted
-  speedup = expected tokens per step / step time ratio."""
+  """Times a plain step and a step over the best tree of each size, smallest first, on this
+  device; predicted speedup = expected tokens per step / step time ratio. Stops at the first size
+  whose step costs so much that even the most tokens per step could not beat the best speedup so
+  far (a bigger tree never steps faster), so a CPU never times the GPU-sized trees."""
   from medusa_jax.step_timing import step_seconds
   from medusa_jax.tree import Tree
 
   plain = step_seconds(engine, None)
   print(f"plain decode step: {plain * 1e3:.1f} ms")
-  tuning = {}
+  tuning, most = {}, max(expected.values())
   for n, tokens in expected.items():
     ratio = step_seconds(engine, Tree(best_tree(n))) / plain
     tuning[n] = {"step_cost_ratio": round(ratio, 4), "predicted_speedup": round(tokens / ratio, 4)}
     print(f"  N={n}: step {ratio:.2f}x a plain step, predicted speedup {tokens / ratio:.2f}")
+    if most / ratio < max(t["predicted_speedup"] for t in tuning.values()):
+      print("  larger trees cannot beat that on this device: not timed")
+      break
   return tuning
 
 

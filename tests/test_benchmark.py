@@ -79,7 +79,9 @@ def test_benchmark_tree_nodes_auto_picks_the_best_predicted_size(tmp_path):
                            "--accuracy-only")
   acc = r["heads_accuracy"]
   tuning = acc["tree_tuning"]
-  assert set(tuning) == set(acc["expected_tokens_per_step"]) == {"1", "2", "4", "8", "16", "32", "64"}
+  # 2 heads, ranks below 3: 12 possible paths; sizes timed smallest first until none larger can win
+  assert list(acc["expected_tokens_per_step"]) == ["1", "2", "4", "8", "12"]
+  assert list(tuning) == list(acc["expected_tokens_per_step"])[: len(tuning)]
   for n, t in tuning.items():
     assert t["step_cost_ratio"] > 0
     assert t["predicted_speedup"] == pytest.approx(acc["expected_tokens_per_step"][n] / t["step_cost_ratio"], rel=1e-3)
