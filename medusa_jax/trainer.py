@@ -30,6 +30,8 @@ from medusa_jax.training import (backbone_hidden, head_targets, make_optimizer, 
                                  position_targets, soft_head_targets, summarize,
                                  teacher_distribution)
 
+CACHED_HEADS = 8  # a hidden-state cache serves every head count up to this (see `_stored_positions`)
+
 
 def prepare_data(cfg: TrainConfig, tokenizer, pad_id: int):
   """(train tokens, train mask, eval tokens, eval mask), fixed shape `[n, seq_len]`."""
@@ -95,12 +97,15 @@ def cache_positions(base_graphdef, base_state, tokens: np.ndarray, mask: np.ndar
 def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.ndarray,
                       mask: np.ndarray, progress: bool = False) -> dict:
   """`cache_positions`, kept in `cfg.hidden_cache_dir` (when set) row by row, under a fingerprint
-  of the model spec, compute dtype and head count and of each row's tokens: later runs on the same
-  rows (head sweeps) reuse them, and a run on grown data computes only the new rows."""
+  of the model spec and compute dtype and of each row's tokens: later runs on the same rows (head
+  sweeps) reuse them, and a run on grown data computes only the new rows. The store keeps targets
+  for `CACHED_HEADS` heads (or more when asked), so runs with fewer heads share it: each takes its
+  first `num_heads` columns and the positions some head of its own has a target at."""
   if not cfg.hidden_cache_dir:
     return cache_positions(base_graphdef, base_state, tokens, mask, cfg.num_heads, cfg.batch_size,
                            progress)
-  model_key = hashlib.sha256("\0".join((cfg.model, cfg.compute_dtype, str(cfg.num_heads))).encode())
+  heads = max(cfg.num_heads, CACHED_HEADS)
+  model_key = hashlib.sha256("\0".join((cfg.model, cfg.compute_dtype, str(heads))).encode())
   folder = os.path.join(cfg.hidden_cache_dir, f"positions-{model_key.hexdigest()[:16]}")
   keys = [hashlib.sha256(np.ascontiguousarray(t).tobytes() + np.ascontiguousarray(m).tobytes())
           .hexdigest()[:32] for t, m in zip(tokens, mask)]
@@ -115,7 +120,7 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
         stored[key] = {k: v[start:end] for k, v in arrays.items()}  # views, not copies
   missing = list({key: i for i, key in enumerate(keys) if key not in stored}.values())
   if missing:
-    new = _row_positions(base_graphdef, base_state, tokens[missing], mask[missing], cfg.num_heads,
+    new = _row_positions(base_graphdef, base_state, tokens[missing], mask[missing], heads,
                          cfg.batch_size, progress)
     shard = {"keys": np.asarray([keys[i] for i in missing]),
              "counts": np.asarray([len(p["hidden"]) for p in new])} | _concat(new)
@@ -125,7 +130,10 @@ def _stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nd
     np.savez(tmp, **shard)
     os.replace(tmp, os.path.join(folder, f"{name}.npz"))
     stored.update(zip(shard["keys"].tolist(), new))
-  return _concat([stored[key] for key in keys])
+  positions = _concat([stored[key] for key in keys])
+  keep = positions["valid"][:, : cfg.num_heads].any(-1)  # row order is kept, as `cache_positions` has it
+  return {"hidden": positions["hidden"][keep], "targets": positions["targets"][keep, : cfg.num_heads],
+          "valid": positions["valid"][keep, : cfg.num_heads]}
 
 
 def _cached_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids, tokens: np.ndarray,

@@ -367,6 +367,26 @@ def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_hidden_cache_dir_serves_other_head_counts(tmp_path, monkeypatch):
+  """A head-count sweep: a run with 3 heads reads back what a 2-head run stored (nothing runs
+  through the backbone again) and gets the positions a fresh 3-head computation gives."""
+  import medusa_jax.trainer as trainer
+
+  cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "cache_hidden=true", "eval_fraction=0",
+                           f"hidden_cache_dir={tmp_path / 'cache'}", "num_heads=2"])
+  run = trainer.setup(cfg)
+  tokens, mask = run.data[:2]
+  trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  wants = {h: cache_positions(run.base_graphdef, run.base_state, tokens, mask, h, 4) for h in (3, 1)}
+  monkeypatch.setattr(trainer, "_row_positions", lambda *a, **k: pytest.fail("recomputed"))
+  for heads, want in wants.items():
+    cfg.num_heads = heads
+    got = trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+    assert got["targets"].shape == want["targets"].shape and got["targets"].shape[1] == heads
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["medusa1", "medusa2"])
 def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
