@@ -1,50 +1,6 @@
-"""Convert heads (orbax training dir, Medusa/TGI or vLLM dir) and backbones to serving formats.
+"""Runs `medusa_jax.cli.export_hf` (also installed as `medusa-export`): `python infer/export_hf.py --help`."""
 
-    python infer/export_hf.py --heads runs/smollm2-135m --model smollm2-135m-instruct --format medusa --out out/medusa
-    python infer/export_hf.py --model smollm2-135m-instruct --format hf-llama --out out/llama
-
-Formats: medusa (Medusa v0.1 / TGI), vllm (vLLM Medusa), hf-llama (backbone as HF Llama).
-The output appears complete or not at all; an existing --out is kept unless --force.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from medusa_jax.cli import main_guard, quiet_logs  # noqa: E402
-from medusa_jax.draft_vocab import DEFAULT_SIZE  # noqa: E402
-
-
-@main_guard
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--heads", default=None, help="heads directory or 'default' (not needed for hf-llama)")
-  p.add_argument("--model", default="smollm2-135m-instruct")
-  p.add_argument("--format", required=True, choices=["medusa", "vllm", "hf-llama"])
-  p.add_argument("--out", required=True)
-  p.add_argument("--force", action="store_true")
-  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
-                 help="the N most frequent ids of the heads' draft_vocab.json become vllm's token_map "
-                      "(medusa: a draft_vocab.json beside them); 0: the whole vocabulary")
-  args = p.parse_args(argv)
-  quiet_logs()
-  from medusa_jax import MedusaError, draft_vocab, loading
-  from medusa_jax.export import export, read_heads
-
-  loaded = loading.load(args.model)
-  heads_path = loading.default_heads(args.model) if args.heads == "default" else args.heads
-  if args.heads == "default" and heads_path is None:
-    raise MedusaError(f"no shipped heads for {args.model}; give --heads DIR")
-  heads = read_heads(heads_path, loaded.model) if heads_path else None
-  ids = draft_vocab.read(heads_path, args.draft_vocab) if heads_path else None
-  export(args.format, args.out, model=loaded.model, heads=heads, base_name=loaded.name,
-         tokenizer=loaded.tokenizer, force=args.force, draft_ids=ids)
-  print(f"wrote {args.format} to {args.out}")
-
+from medusa_jax.cli.export_hf import main
 
 if __name__ == "__main__":
   main()

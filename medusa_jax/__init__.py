@@ -3,38 +3,48 @@
     import medusa_jax
     engine = medusa_jax.load("smollm2-135m-instruct")
     print(engine.generate("Name three primes.").text)
+
+Layout (each package's docstring says more): `model/` the backbone, `medusa/` heads, trees and
+the drafting vocabulary, `decode/` sampling, acceptance, the decode loops and the `Engine`,
+`weights/` GGUF / HF / model specs, `formats/` heads formats on disk, `training/` head training,
+`tuning/` tree tuning, `cli/` the command-line tools.
 """
 
-from medusa_jax.config import ModelConfig, preset
-from medusa_jax.draft_vocab import DEFAULT_SIZE as _DRAFT_VOCAB_SIZE
-from medusa_jax.engine import Engine, Generation
+from medusa_jax.decode.config import GenerationConfig
+from medusa_jax.decode.engine import Engine, Generation, GenerationResult
 from medusa_jax.errors import MedusaError
-from medusa_jax.loading import EMBEDDED_MODEL
+from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE as _DRAFT_VOCAB_SIZE
+from medusa_jax.model.config import ModelConfig, preset
+from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 
 def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None,
          dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0,
          draft_vocab: int = _DRAFT_VOCAB_SIZE) -> Engine:
-  """Loads a model spec (see `medusa_jax.loading`) and Medusa heads into an `Engine`.
+  """Loads a model spec (see `medusa_jax.weights.specs`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
-  Medusa/TGI, vLLM or orbax training directory, or None for the base model alone. `tree`: a tree name or list of paths
-  (default: the tree shipped with the heads, else `mc_sim_7b_63`). `draft_vocab`: the heads guess
-  among the N most frequent answer tokens listed in the heads directory's `draft_vocab.json` (0, or
-  no such file: the whole vocabulary; see `medusa_jax.draft_vocab`).
+  Medusa/TGI, vLLM or orbax training directory, or None for the base model alone. `tree`: a tree
+  name or list of paths (default: the tree shipped with the heads, else `mc_sim_7b_63` cut to the
+  heads' depth). `draft_vocab`: the heads guess among the N most frequent answer tokens listed in
+  the heads directory's `draft_vocab.json` (0, or no such file: the whole vocabulary; see
+  `medusa_jax.medusa.draft_vocab`).
   """
-  from medusa_jax import draft_vocab as draft_file
-  from medusa_jax import loading
-  from medusa_jax.export import read_heads
+  from medusa_jax.formats.layout import read_heads
+  from medusa_jax.medusa import draft_vocab as draft_file
+  from medusa_jax.medusa.tree import default_tree
+  from medusa_jax.weights import specs
 
-  loaded = loading.load(spec, dtype=dtype, seed=seed)
-  heads_path = loading.default_heads(spec) if heads == "default" else heads
+  loaded = specs.load(spec, dtype=dtype, seed=seed)
+  heads_path = specs.default_heads(spec) if heads == "default" else heads
   medusa_heads = read_heads(heads_path, loaded.model) if heads_path else None
-  num_heads = medusa_heads.config.num_heads if medusa_heads is not None else 4
-  return Engine(loaded.model, loaded.tokenizer, heads=medusa_heads,
-                tree=tree or loading.default_tree(heads_path, num_heads), name=loaded.name,
-                max_cache_len=max_cache_len,
-                draft_vocab=draft_file.read(heads_path, draft_vocab) if medusa_heads is not None else None)
+  engine_tree, ids = None, None
+  if medusa_heads is not None:
+    engine_tree = tree or default_tree(heads_path, medusa_heads.config.num_heads)
+    ids = draft_file.read(heads_path, draft_vocab)
+  return Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
+                name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids)
 
 
-__all__ = ["Engine", "Generation", "MedusaError", "ModelConfig", "load", "preset", "EMBEDDED_MODEL"]
+__all__ = ["Engine", "Generation", "GenerationConfig", "GenerationResult", "MedusaError",
+           "ModelConfig", "load", "preset", "EMBEDDED_MODEL"]

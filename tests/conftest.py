@@ -31,7 +31,7 @@ def smollm2_torch():
   import torch
   from transformers import LlamaForCausalLM
 
-  from medusa_jax.loading import embedded_gguf_path
+  from medusa_jax.weights.specs import embedded_gguf_path
 
   path = embedded_gguf_path()
   model = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

@@ -3,14 +3,19 @@ lossless sampling against the distributions it must reproduce."""
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from medusa_jax.acceptance import TypicalParams, accept, choose_path, node_acceptance
-from medusa_jax.sampling import SamplingParams
-from medusa_jax.tree import get_tree
+from medusa_jax.decode.acceptance import (
+  TypicalParams,
+  accept,
+  choose_path,
+  node_acceptance,
+)
+from medusa_jax.decode.sampling import SamplingParams
+from medusa_jax.medusa.tree import get_tree
 
 
 def _numpy_reference(tokens, logits, tree, params):

@@ -1,22 +1,17 @@
-"""infer/bench_step.py: the bytes a decode step must read, counted by hand, and the CLI's table."""
+"""infer/bench_step.py (`medusa_jax.cli.bench_step`) and `step_timing.bytes_per_step`: the bytes a decode step must read, counted by hand, and the CLI's table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 from flax import nnx
 
-from medusa_jax.config import preset
-from medusa_jax.heads import HeadsConfig, MedusaHeads
-from medusa_jax.loading import random_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "infer", "bench_step.py"))
-bench_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_step)
+from medusa_jax.cli import bench_step
+from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
+from medusa_jax.model.config import preset
+from medusa_jax.tuning.step_timing import bytes_per_step
+from medusa_jax.weights.specs import random_model
 
 
 @pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])  # untied / tied embeddings
@@ -31,8 +26,8 @@ def test_bytes_per_step_by_hand(name):
   model = random_model(c)
   heads = MedusaHeads.for_model(model, HeadsConfig(4, 1, share_lm_head=True))
   state, heads_state = nnx.state(model), nnx.state(heads)
-  assert bench_step.bytes_per_step(state, None, c, batch=3, context=100, cache_itemsize=4) == 4 * (weights + kv_cache)
-  assert bench_step.bytes_per_step(state, heads_state, c, batch=3, context=100, cache_itemsize=2) == (
+  assert bytes_per_step(state, None, c, batch=3, context=100, cache_itemsize=4) == 4 * (weights + kv_cache)
+  assert bytes_per_step(state, heads_state, c, batch=3, context=100, cache_itemsize=2) == (
       4 * (weights + blocks) + 2 * kv_cache)
 
 

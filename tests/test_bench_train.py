@@ -10,14 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from medusa_jax.train_config import load_config
-from medusa_jax.trainer import setup
+from medusa_jax.cli.bench_train import flops_per_token
+from medusa_jax.training.batches import SequenceBatch
+from medusa_jax.training.config import load_config
+from medusa_jax.training.loop import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-sys.path.insert(0, os.path.join(ROOT, "infer"))
-
-from bench_train import flops_per_token  # noqa: E402
 
 
 @pytest.mark.parametrize("overrides, tolerance", [
@@ -30,7 +29,7 @@ def test_flops_per_token_matches_xla_cost_analysis(overrides, tolerance):
   every matmul; ours must agree up to elementwise work (and Medusa-2's recomputed logits)."""
   cfg = load_config(TINY, overrides + ["batch_size=2", "seq_len=128", "vocab_chunk=256"])
   run = setup(cfg)
-  batch = {"tokens": np.zeros((2, 128), np.int32), "mask": np.ones((2, 128), bool)}
+  batch = SequenceBatch(np.zeros((2, 128), np.int32), np.ones((2, 128), bool))
   cost = run.step.lower(run.params, run.opt_state, run.base_state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla = cost["flops"] / (2 * 128)
@@ -48,4 +47,4 @@ def test_bench_train_cli(tmp_path):
   assert result["mfu"] == pytest.approx(result["tflops_per_second"] / result["devices"], abs=1e-3)
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "bench_train.py"), TINY,
                         "cache_hidden=true"], capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and bad.stderr.strip() == "error: bench_train times the full step: give cache_hidden=false"
+  assert bad.returncode == 2 and bad.stderr.strip() == "error: bench_train times the full step: give cache.hidden=false"

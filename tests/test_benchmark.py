@@ -8,21 +8,21 @@ import subprocess
 import sys
 
 import pytest
-
-from medusa_jax.config import preset
-from medusa_jax.heads import HeadsConfig
-from medusa_jax.heads_io import save_heads
-from medusa_jax.loading import random_model
-from medusa_jax.tree import get_tree
 from test_medusa import random_heads
+
+from medusa_jax.formats import medusa as medusa_format
+from medusa_jax.medusa.heads import HeadsConfig
+from medusa_jax.medusa.tree import get_tree
+from medusa_jax.model.config import preset
+from medusa_jax.weights.specs import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_cli(tmp_path):
   base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
-  save_heads(random_heads(base, HeadsConfig(3, 1, True)), str(tmp_path / "heads"),
-             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  medusa_format.write(str(tmp_path / "heads"), random_heads(base, HeadsConfig(3, 1, True)), base,
+                      base_model="random:tiny", lm_head_copies=False)
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there", "and again"], "category": "chat"}\n'
                      '{"turns": ["what is two plus two"], "category": "math"}\n'
@@ -50,8 +50,8 @@ def _accuracy_run(tmp_path, num_heads: int, *flags: str) -> tuple[dict, dict]:
   """Runs the benchmark CLI with --heads-accuracy on random:tiny with random heads; returns (the
   --out JSON, the --save-tree JSON)."""
   base = random_model(preset("tiny"), seed=0)
-  save_heads(random_heads(base, HeadsConfig(num_heads, 1, True)), str(tmp_path / "heads"),
-             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  medusa_format.write(str(tmp_path / "heads"), random_heads(base, HeadsConfig(num_heads, 1, True)),
+                      base, base_model="random:tiny", lm_head_copies=False)
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n')
   out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"

@@ -7,8 +7,13 @@ import json
 import pytest
 
 from medusa_jax import MedusaError
-from medusa_jax.data import load_conversations, pack_examples, split, tokenize_with_labels
-from medusa_jax.tokenizer import ByteTokenizer
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.training.data import (
+  load_conversations,
+  pack_examples,
+  split,
+  tokenize_with_labels,
+)
 
 
 def test_formats(tmp_path):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from medusa_jax.config import preset
-from medusa_jax.engine import Engine
-from medusa_jax.loading import random_model
-from medusa_jax.sampling import SamplingParams, sample, top_p_filter
-from medusa_jax.tokenizer import ByteTokenizer
+from medusa_jax.decode.engine import Engine
+from medusa_jax.decode.sampling import SamplingParams, sample, top_p_filter
+from medusa_jax.model.config import preset
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.weights.specs import random_model
 
 
 @pytest.fixture(scope="module")

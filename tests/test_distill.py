@@ -3,13 +3,12 @@ split, a rerun resumes (answers nothing twice), excluded and over-long prompts a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-from medusa_jax.data import Conversation
+from medusa_jax.training.data import Conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,9 +46,30 @@ def test_distill_never_answers_excluded_prompts(tmp_path):
 
 
 def test_prompt_keeps_a_system_message_with_the_first_user_turn():
-  spec = importlib.util.spec_from_file_location("distill", os.path.join(ROOT, "train", "distill.py"))
-  distill = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(distill)
+  from medusa_jax.cli import distill
+
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
   assert distill._prompt(Conversation(messages)) == messages[:2]
+
+
+def test_multi_turn_prompts_are_answered_turn_by_turn(tmp_path):
+  """A follow-up turn is answered after the model's own first answer: the second answer equals
+  what the model says to [turn 1, its answer, turn 2]; single-turn rows keep one answer."""
+  import medusa_jax
+
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"category": "mt", "turns": ["Name a colour.", "Why that one?"]}) + "\n"
+                     + json.dumps({"category": "mt", "turns": ["Say hi."]}) + "\n")
+  out = tmp_path / "d.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--model", "random:tiny",
+                         "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5",
+                         "--batch-size", "2", "--eval-fraction", "0"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  done = {d["messages"][0]["content"]: d["messages"] for d in json.loads(out.read_text())}
+  two, one = done["Name a colour."], done["Say hi."]
+  assert [m["role"] for m in two] == ["user", "assistant", "user", "assistant"] and two[2]["content"] == "Why that one?"
+  assert [m["role"] for m in one] == ["user", "assistant"]
+  engine = medusa_jax.load("random:tiny", heads=None)
+  again = engine.generate([two[:3]], max_new_tokens=5, seed=1)[0]
+  assert two[3]["content"] == again.text.strip()

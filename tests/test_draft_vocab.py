@@ -10,17 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from medusa_jax import draft_vocab
-from medusa_jax.config import preset
-from medusa_jax.draft_vocab import DraftVocab
-from medusa_jax.engine import Engine
-from medusa_jax.errors import MedusaError
-from medusa_jax.head_accuracy import head_accuracy
-from medusa_jax.heads import HeadsConfig
-from medusa_jax.loading import random_model
-from medusa_jax.tokenizer import ByteTokenizer
 from test_medusa import _oracle_heads, _permutation_model, _prompts, random_heads
+
+from medusa_jax.decode.engine import Engine
+from medusa_jax.errors import MedusaError
+from medusa_jax.medusa import draft_vocab
+from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.heads import HeadsConfig
+from medusa_jax.model.config import preset
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.tuning.head_accuracy import head_accuracy
+from medusa_jax.weights.specs import random_model
 
 
 def test_rank_by_frequency_by_hand():

@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import medusa_jax
-from medusa_jax import MedusaError
-from medusa_jax.config import preset
-from medusa_jax.engine import Engine
-from medusa_jax.loading import random_model
-from medusa_jax.tokenizer import ByteTokenizer
+from medusa_jax import GenerationConfig, MedusaError
+from medusa_jax.decode.engine import Engine
+from medusa_jax.model.config import preset
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.weights.specs import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,9 +71,29 @@ def test_sampling_settings_out_of_range():
   for kwargs, message in [({"temperature": -1.0}, "temperature must be >= 0"),
                           ({"temperature": 0.7, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
                           ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"),
-                          ({"acceptance": "exact"}, "unknown acceptance 'exact'; use lossless or typical")]:
+                          ({"acceptance": "exact"}, "unknown acceptance 'exact'; use lossless or typical"),
+                          ({"mode": "beam"}, "unknown mode 'beam'"),
+                          ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+                          ({"temprature": 0.5}, "unknown generation setting 'temprature'")]:
     with pytest.raises(MedusaError, match=message):
-      engine.generate_ids([[5, 6]], max_new_tokens=4, **kwargs)
+      engine.generate_ids([[5, 6]], **{"max_new_tokens": 4, **kwargs})
+  with pytest.raises(MedusaError, match="top_p must be in"):
+    GenerationConfig(top_p=0.0)
+
+
+def test_generation_config_and_keywords_give_the_same_generation():
+  """A `GenerationConfig`, the same settings as keywords, and keywords overriding a config agree."""
+  engine = Engine(random_model(preset("tiny")), ByteTokenizer(), max_cache_len=64)
+  config = GenerationConfig(max_new_tokens=6, temperature=0.9, top_p=0.8, seed=3)
+  a = engine.generate_ids([[5, 6, 7]], config)
+  b = engine.generate_ids([[5, 6, 7]], max_new_tokens=6, temperature=0.9, top_p=0.8, seed=3)
+  c = engine.generate_ids([[5, 6, 7]], GenerationConfig(max_new_tokens=6), temperature=0.9, top_p=0.8,
+                          seed=3)
+  for x in (b, c):
+    np.testing.assert_array_equal(x.tokens, a.tokens)
+    np.testing.assert_array_equal(x.num_tokens, a.num_tokens)
+  other_seed = engine.generate_ids([[5, 6, 7]], config, seed=4)
+  assert a.tokens.shape == (1, 6) and not np.array_equal(other_seed.tokens, a.tokens)
 
 
 def test_atomic_dir_refuses_a_file_and_keeps_the_old_output_on_failure(tmp_path, monkeypatch):
@@ -140,12 +161,13 @@ def test_cli_number_and_path_flags(tmp_path, capsys):
   [line] = _cli_error("train/distill.py", distill, capsys)
   assert line.startswith(f"error: cannot resume from {out}: ")
   assert sorted(os.listdir(tmp_path)) == ["d.json", "p.jsonl"] and out.read_text() == "[{"
-  from medusa_jax.heads import HeadsConfig
-  from medusa_jax.heads_io import save_heads
   from test_medusa import random_heads
 
-  heads = tmp_path / "heads"
-  save_heads(random_heads(random_model(preset("tiny"), seed=0), HeadsConfig(2, 1, True)), str(heads),
-             base_model="random:tiny", hidden_size=64, vocab_size=512)
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.medusa.heads import HeadsConfig
+
+  heads, base = tmp_path / "heads", random_model(preset("tiny"), seed=0)
+  medusa_format.write(str(heads), random_heads(base, HeadsConfig(2, 1, True)), base,
+                      base_model="random:tiny", lm_head_copies=False)
   [line] = _cli_error("infer/generate.py", ["--model", "random:tiny", "--heads", str(heads), "--tree", "[0,"], capsys)
   assert line.startswith("error: cannot parse the tree '[0,' as a JSON list of paths")

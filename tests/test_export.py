@@ -8,20 +8,21 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
+from test_medusa import random_heads
 
 from medusa_jax import MedusaError
-from medusa_jax.config import preset
-from medusa_jax.export import export, medusa_tensors, read_heads
-from medusa_jax.heads import HeadsConfig
-from medusa_jax.heads_io import heads_to_tensors
-from medusa_jax.loading import load_hf_dir, random_model
-from medusa_jax.train_config import load_config
-from medusa_jax.trainer import train
-from test_medusa import random_heads
+from medusa_jax.formats.layout import export, read_heads
+from medusa_jax.formats.medusa import to_tensors
+from medusa_jax.medusa.heads import HeadsConfig
+from medusa_jax.model.config import preset
+from medusa_jax.training.config import load_config
+from medusa_jax.training.loop import train
+from medusa_jax.weights.hf import read_dir
+from medusa_jax.weights.specs import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_roundtrip_orbax_format_orbax_is_exact(tmp_path, trained, fmt):
   heads = read_heads(run, base)
   export(fmt, str(tmp_path / fmt), model=base, heads=heads, base_name="tiny")
   again = read_heads(str(tmp_path / fmt), base)
-  a, b = heads_to_tensors(heads, include_lm_heads=True), heads_to_tensors(again, include_lm_heads=True)
+  a, b = to_tensors(heads), to_tensors(again)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
@@ -81,8 +82,8 @@ def test_vllm_token_map_proposes_what_our_drafting_vocabulary_does(tmp_path, sha
   heads over the same drafting vocabulary; the medusa format keeps the ids in draft_vocab.json."""
   from safetensors.torch import load_file
 
-  from medusa_jax import draft_vocab
-  from medusa_jax.draft_vocab import DraftVocab
+  from medusa_jax.medusa import draft_vocab
+  from medusa_jax.medusa.draft_vocab import DraftVocab
 
   base = random_model(preset("tiny"), seed=2)
   heads = random_heads(base, HeadsConfig(3, 1, share), scale=0.1)
@@ -106,7 +107,7 @@ def test_vllm_token_map_proposes_what_our_drafting_vocabulary_does(tmp_path, sha
     full[:, token_map] = logits
     np.testing.assert_array_equal(full.argmax(-1).numpy(), ours[h])
   again = read_heads(str(tmp_path / "v"), base)  # our reader still takes the full lm_heads
-  np.testing.assert_array_equal(again.lm_heads[0].kernel[...], medusa_tensors(heads, base)["0.1.weight"].T)
+  np.testing.assert_array_equal(again.lm_heads[0].kernel[...], to_tensors(heads, base)["0.1.weight"].T)
   with pytest.raises(MedusaError, match="outside"):
     export("vllm", str(tmp_path / "bad"), model=base, heads=heads, base_name="tiny", draft_ids=[vocab])
   assert not (tmp_path / "bad").exists()
@@ -123,7 +124,7 @@ def test_hf_llama_export_loads_in_transformers_and_back(tmp_path):
     expected = ref(torch.tensor(tokens)).logits.numpy()
   ours, _, _ = base(jnp.asarray(tokens), jnp.arange(16)[None])
   assert np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max() < 1e-4
-  again, _ = load_hf_dir(str(tmp_path / "llama"))
+  again, _ = read_dir(str(tmp_path / "llama"))
   np.testing.assert_array_equal(again.embed.embedding[...], base.embed.embedding[...])
 
 

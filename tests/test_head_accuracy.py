@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-
-from medusa_jax.engine import Engine
-from medusa_jax.head_accuracy import head_accuracy, tokens_per_step
-from medusa_jax.tokenizer import ByteTokenizer
 from test_medusa import _oracle_heads, _permutation_model
+
+from medusa_jax.decode.engine import Engine
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.tuning.head_accuracy import head_accuracy, tokens_per_step
 
 
 def test_oracle_and_off_by_one_heads():

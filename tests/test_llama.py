@@ -3,14 +3,15 @@ against a full forward."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
 
-from medusa_jax.config import preset
-from medusa_jax.kv_cache import KVCache
-from medusa_jax.loading import load_hf_dir, random_model
+from medusa_jax.model.config import preset
+from medusa_jax.model.kv_cache import KVCache
+from medusa_jax.weights.hf import read_dir
+from medusa_jax.weights.specs import random_model
 
 
 def _hf_model(tmp_path, kind, **overrides):
@@ -48,7 +49,7 @@ CASES = {
 def test_logits_match_transformers(tmp_path, case):
   kind, overrides = CASES[case]
   ref = _hf_model(tmp_path, kind, **overrides)
-  model, _ = load_hf_dir(str(tmp_path))
+  model, _ = read_dir(str(tmp_path))
   tokens = np.random.default_rng(0).integers(0, 300, size=(2, 200))
   with torch.no_grad():
     expected = ref(torch.tensor(tokens)).logits.numpy()

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from medusa_jax.config import ModelConfig, preset
-from medusa_jax.decoding import prefill
-from medusa_jax.engine import Engine
-from medusa_jax.heads import HeadsConfig, MedusaHeads
-from medusa_jax.kv_cache import KVCache
-from medusa_jax.loading import random_model
-from medusa_jax.medusa_decoding import medusa_step
-from medusa_jax.sampling import SamplingParams, sampling_logits
-from medusa_jax.tokenizer import ByteTokenizer
-from medusa_jax.tree import get_tree
+from medusa_jax.decode.engine import Engine
+from medusa_jax.decode.medusa import medusa_step
+from medusa_jax.decode.plain import prefill
+from medusa_jax.decode.sampling import SamplingParams, sampling_logits
+from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
+from medusa_jax.medusa.tree import get_tree
+from medusa_jax.model.config import preset
+from medusa_jax.model.kv_cache import KVCache
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.weights.specs import random_model
 
 
 def random_heads(model, config=HeadsConfig(4, 2, False), seed=0, scale=0.05):

@@ -3,11 +3,10 @@ transformers itself from the same GGUF (slow: runs in CI, on the real weights)."
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
-
 from conftest import CHAT_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,9 @@ def test_greedy_64_tokens_identical_to_transformers(smollm2, smollm2_torch):
 def test_medusa_greedy_identical_on_real_model(smollm2):
   """Greedy Medusa on SmolLM2 with random non-zero heads equals greedy baseline, batch 1 and 4."""
   from test_medusa import random_heads
-  from medusa_jax.engine import Engine
-  from medusa_jax.heads import HeadsConfig
+
+  from medusa_jax.decode.engine import Engine
+  from medusa_jax.medusa.heads import HeadsConfig
 
   model = smollm2.model
   engine = Engine(model, smollm2.tokenizer, heads=random_heads(model, HeadsConfig(4, 1, True), scale=0.02),
@@ -57,7 +57,7 @@ def test_medusa_greedy_identical_on_real_model(smollm2):
 def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
   """The default heads and tree of the embedded model: greedy Medusa equals greedy baseline (batch
   of 4) and the heads do accept tokens (a trained head, not the identity it starts as)."""
-  from medusa_jax.loading import default_heads
+  from medusa_jax.weights.specs import default_heads
 
   assert default_heads("smollm2-135m-instruct") and smollm2.resolve_mode("auto") == "medusa"
   prompts = [smollm2.encode(p) for p in CHAT_PROMPTS + ["What is 12 times 7? Answer step by step."]]
@@ -71,9 +71,11 @@ def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
 def test_gguf_tokenizer_matches_transformers():
   """Our torch-free GGUF tokenizer encodes like transformers' own GGUF tokenizer."""
   import os
+
   from transformers import AutoTokenizer
-  from medusa_jax.gguf_file import _open, tokenizer_from_metadata
-  from medusa_jax.loading import embedded_gguf_path
+
+  from medusa_jax.weights.gguf import _open, tokenizer_from_metadata
+  from medusa_jax.weights.specs import embedded_gguf_path
 
   path = embedded_gguf_path()
   ours = tokenizer_from_metadata(_open(path), path)

@@ -9,20 +9,29 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from medusa_jax import MedusaError
-from medusa_jax.config import preset
-from medusa_jax.heads import HeadsConfig, MedusaHeads
-from medusa_jax.loading import random_model
-from medusa_jax.train_config import load_config
-from medusa_jax.trainer import _cached_soft_targets, cache_positions, setup, train, trained_model
-from medusa_jax.training import (backbone_hidden, heads_loss, head_targets, lm_loss, make_optimizer,
-                                 make_train_step, position_targets, teacher_distribution)
+from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads, head_targets
+from medusa_jax.model.config import preset
+from medusa_jax.training.batches import SequenceBatch
+from medusa_jax.training.checkpoints import trained_model
+from medusa_jax.training.config import TrainConfig, load_config
+from medusa_jax.training.hidden_cache import cache_positions, with_soft_targets
+from medusa_jax.training.loop import setup, train
+from medusa_jax.training.losses import heads_loss, lm_loss
+from medusa_jax.training.optimizer import make_optimizer
+from medusa_jax.training.step import make_train_step
+from medusa_jax.training.targets import (
+  backbone_hidden,
+  position_targets,
+  teacher_distribution,
+)
+from medusa_jax.weights.specs import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -65,7 +74,7 @@ def test_medusa1_step_leaves_backbone_unchanged_and_moves_heads(tmp_path):
   params = {"heads": nnx.to_pure_dict(hs)}
   step, _ = make_train_step(hg, bg, opt, cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (4, 32)))
-  batch = {"tokens": tokens, "mask": jnp.ones((4, 32), bool)}
+  batch = SequenceBatch(tokens, jnp.ones((4, 32), bool))
   new, state, _ = step(params, opt.init(params), bs, batch)
   new, _, _ = step(new, state, bs, batch)  # warm-up starts at lr 0
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(bs))
@@ -89,11 +98,11 @@ def test_cached_positions_give_the_sequence_loss(tmp_path):
   mask[:, 10:20] = True
   mask[2, 25:30] = True
   cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
-  assert len(cached["hidden"]) == 4 * 12 + 7 and cached["valid"].any(-1).all()
+  assert len(cached.hidden) == 4 * 12 + 7 and cached.valid.any(-1).all()
   opt = make_optimizer(cfg)
   params = {"heads": nnx.to_pure_dict(hs)}
   _, evaluate = make_train_step(hg, bg, opt, cfg)
-  seq = evaluate(params, bs, {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)})
+  seq = evaluate(params, bs, SequenceBatch(jnp.asarray(tokens), jnp.asarray(mask)))
   pos = evaluate(params, bs, jax.tree.map(jnp.asarray, cached))
   np.testing.assert_allclose(pos.loss, seq.loss, rtol=1e-5)
   np.testing.assert_array_equal(pos.count, seq.count)
@@ -122,8 +131,8 @@ def test_teacher_targets_are_the_base_distribution_at_t_plus_k_plus_1(draft):
   hidden = backbone_hidden(base, tokens)
   got = position_targets(hidden, tokens, mask, num_heads,
                          teacher_distribution(base, hidden, ids, m))
-  got_ids = np.asarray(got["soft_ids"]).reshape(2, 20, num_heads, m)
-  got_probs = np.asarray(got["soft_probs"]).reshape(2, 20, num_heads, m)
+  got_ids = np.asarray(got.soft_ids).reshape(2, 20, num_heads, m)
+  got_probs = np.asarray(got.soft_probs).reshape(2, 20, num_heads, m)
   positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
   logits = np.asarray(base(tokens, positions)[0], np.float64)  # [2, 20, vocab]
   columns = np.arange(vocab) if ids is None else ids
@@ -153,28 +162,28 @@ def test_cached_teacher_targets_match_the_sequence_ones(tmp_path):
   mask[:, 10:20] = True
   mask[2, 25:30] = True  # a second answer in one row
   cached = cache_positions(bg, bs, tokens, mask, 3, batch_size=2)
-  soft = _cached_soft_targets(cfg, bg, bs, None, tokens, mask, cached, rows_per_chunk=3)
+  soft = with_soft_targets(cfg, bg, bs, None, tokens, mask, cached, rows_per_chunk=3)
   hidden = backbone_hidden(base, jnp.asarray(tokens))
   seq = position_targets(hidden, jnp.asarray(tokens), jnp.asarray(mask), 3,
                          teacher_distribution(base, hidden, None, 4))
   kept = np.asarray(head_targets(tokens, mask, 3)[1]).any(-1).reshape(-1)
-  seq_ids, seq_probs = np.asarray(seq["soft_ids"])[kept], np.asarray(seq["soft_probs"])[kept]
+  seq_ids, seq_probs = np.asarray(seq.soft_ids)[kept], np.asarray(seq.soft_probs)[kept]
   # Position t's head k reads the teacher at t + k + 1. Among valid targets that position is
   # uncached only just before an answer's last token: 18 in every row, 28 in row 2.
   t, row = np.tile(np.arange(96), 4)[kept], np.repeat(np.arange(4), 96)[kept]
   for k in range(3):
     source = t + k + 1
     fallback = ~kept.reshape(4, 96)[row, np.minimum(source, 95)] | (source > 95)
-    valid = cached["valid"][:, k]
+    valid = cached.valid[:, k]
     np.testing.assert_array_equal(fallback & valid, valid & ((source == 18) | ((row == 2) & (source == 28))))
     assert (fallback & valid).sum() == 5
-    np.testing.assert_array_equal(soft["soft_ids"][~fallback, k], seq_ids[~fallback, k])
-    np.testing.assert_allclose(soft["soft_probs"][~fallback, k], seq_probs[~fallback, k], rtol=1e-5)
-    np.testing.assert_array_equal(soft["soft_ids"][fallback, k, 0], cached["targets"][fallback, k])
-    np.testing.assert_array_equal(soft["soft_probs"][fallback, k], [[1, 0, 0, 0]] * fallback.sum())
-  empty = _cached_soft_targets(cfg, bg, bs, None, tokens[:0], mask[:0],
-                               {"hidden": cached["hidden"][:0]})  # a split without answers
-  assert empty["soft_ids"].shape == empty["soft_probs"].shape == (0, 3, 4)
+    np.testing.assert_array_equal(soft.soft_ids[~fallback, k], seq_ids[~fallback, k])
+    np.testing.assert_allclose(soft.soft_probs[~fallback, k], seq_probs[~fallback, k], rtol=1e-5)
+    np.testing.assert_array_equal(soft.soft_ids[fallback, k, 0], cached.targets[fallback, k])
+    np.testing.assert_array_equal(soft.soft_probs[fallback, k], [[1, 0, 0, 0]] * fallback.sum())
+  empty = with_soft_targets(cfg, bg, bs, None, tokens[:0], mask[:0],
+                            jax.tree.map(lambda v: v[:0], cached))  # a split without answers
+  assert empty.soft_ids.shape == empty.soft_probs.shape == (0, 3, 4)
 
 
 def test_soft_loss_is_the_cross_entropy_against_the_teacher():
@@ -256,7 +265,7 @@ def test_draft_vocab_training_uses_the_most_frequent_answer_tokens(tmp_path):
 
   cfg = _config(tmp_path, "draft_vocab=10", "max_steps=30", "log_every=5", "eval_every=0")
   run = setup(cfg)
-  tokens, mask = run.data[:2]
+  tokens, mask = run.data[0].tokens, run.data[0].mask
   counts = collections.Counter(int(t) for t in tokens[mask])
   assert len(counts) > 10
   assert run.draft_ids.tolist() == sorted(counts, key=lambda t: (-counts[t], t))[:10]
@@ -316,7 +325,7 @@ def test_medusa2_trains_backbone_and_heads(tmp_path):
 def test_hidden_cache_dir_is_reused(tmp_path, monkeypatch):
   """A second run on the same data reads the stored hidden states (never recomputes them) and
   trains exactly as the first."""
-  import medusa_jax.trainer as trainer
+  import medusa_jax.training.hidden_cache as hidden_cache
 
   common = ["cache_hidden=true", "batch_size=2", "max_steps=4", "log_every=2", "eval_every=4",
             f"hidden_cache_dir={tmp_path / 'cache'}"]
@@ -327,7 +336,7 @@ def test_hidden_cache_dir_is_reused(tmp_path, monkeypatch):
   def recompute(*args, **kwargs):
     raise AssertionError("hidden states recomputed")
 
-  monkeypatch.setattr(trainer, "_row_positions", recompute)
+  monkeypatch.setattr(hidden_cache, "_row_positions", recompute)
   train(_config(tmp_path / "b", *common), progress=False)
   assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
   assert _metrics(tmp_path / "b", "eval") == _metrics(tmp_path / "a", "eval")
@@ -336,7 +345,8 @@ def test_hidden_cache_dir_is_reused(tmp_path, monkeypatch):
 def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
   """Grown data: rows stored by an earlier run are read back, only the new conversations run
   through the backbone, and the positions equal a fresh computation of all rows."""
-  import medusa_jax.trainer as trainer
+  import medusa_jax.training.hidden_cache as hidden_cache
+  import medusa_jax.training.loop as loop
 
   with open(os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")) as f:
     convs = json.load(f)
@@ -345,46 +355,46 @@ def test_hidden_cache_dir_computes_only_new_rows(tmp_path, monkeypatch):
   grown.write_text(json.dumps(convs))
   cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"data={first}", "cache_hidden=true",
                            "eval_fraction=0", f"hidden_cache_dir={tmp_path / 'cache'}"])
-  run = trainer.setup(cfg)
-  tokens, mask = run.data[:2]
-  trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  run = loop.setup(cfg)
+  tokens, mask = run.data[0].tokens, run.data[0].mask
+  hidden_cache.stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
   computed = []
-  real = trainer._row_positions
+  real = hidden_cache._row_positions
 
   def counting(graphdef, state, t, m, *args, **kwargs):
     computed.append(len(t))
     return real(graphdef, state, t, m, *args, **kwargs)
 
-  monkeypatch.setattr(trainer, "_row_positions", counting)
+  monkeypatch.setattr(hidden_cache, "_row_positions", counting)
   folder, = (tmp_path / "cache").iterdir()
   (folder / "killed.tmp.npz").write_bytes(b"half-written")  # a killed run's partial shard is ignored
-  cfg.data = [str(grown)]
-  tokens, mask = trainer.prepare_data(cfg, run.loaded.tokenizer, 0)[:2]
-  got = trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  cfg.data.files = [str(grown)]
+  grown_rows = loop.prepare_data(cfg, run.loaded.tokenizer, 0)[0]
+  tokens, mask = grown_rows.tokens, grown_rows.mask
+  got = hidden_cache.stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
   assert computed == [24]
-  want = cache_positions(run.base_graphdef, run.base_state, tokens, mask, cfg.num_heads, 4)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+  want = cache_positions(run.base_graphdef, run.base_state, tokens, mask, cfg.heads.num_heads, 4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
 def test_hidden_cache_dir_serves_other_head_counts(tmp_path, monkeypatch):
   """A head-count sweep: a run with 3 heads reads back what a 2-head run stored (nothing runs
   through the backbone again) and gets the positions a fresh 3-head computation gives."""
-  import medusa_jax.trainer as trainer
+  import medusa_jax.training.hidden_cache as hidden_cache
+  import medusa_jax.training.loop as loop
 
   cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "cache_hidden=true", "eval_fraction=0",
                            f"hidden_cache_dir={tmp_path / 'cache'}", "num_heads=2"])
-  run = trainer.setup(cfg)
-  tokens, mask = run.data[:2]
-  trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+  run = loop.setup(cfg)
+  tokens, mask = run.data[0].tokens, run.data[0].mask
+  hidden_cache.stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
   wants = {h: cache_positions(run.base_graphdef, run.base_state, tokens, mask, h, 4) for h in (3, 1)}
-  monkeypatch.setattr(trainer, "_row_positions", lambda *a, **k: pytest.fail("recomputed"))
+  monkeypatch.setattr(hidden_cache, "_row_positions", lambda *a, **k: pytest.fail("recomputed"))
   for heads, want in wants.items():
-    cfg.num_heads = heads
-    got = trainer._stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
-    assert got["targets"].shape == want["targets"].shape and got["targets"].shape[1] == heads
-    for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    cfg.heads.num_heads = heads
+    got = hidden_cache.stored_positions(cfg, run.base_graphdef, run.base_state, tokens, mask)
+    assert got.targets.shape == want.targets.shape and got.targets.shape[1] == heads
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
 @pytest.mark.parametrize("method", ["medusa1", "medusa2"])
@@ -419,8 +429,8 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
   the backbone and its optimizer state are sharded too; teacher targets: their batches too)."""
   script = (
       "import sys; sys.path.insert(0, %r)\n"
-      "from medusa_jax.train_config import load_config\n"
-      "from medusa_jax.trainer import train\n"
+      "from medusa_jax.training.config import TrainConfig, load_config\n"
+      "from medusa_jax.training.loop import train\n"
       "import jax; assert len(jax.devices()) == 8\n"
       "train(load_config(%r, sys.argv[1:]), progress=False)\n" % (ROOT, TINY))
   data = os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")
@@ -445,7 +455,7 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["mesh.data=3"], "must divide by mesh.data x mesh.fsdp"),
     (["data=/no/such/file.json"], "data file not found"),
     (["method=medusa3"], "'method' must be one of medusa1, medusa2"),
-    (["method=medusa2", "lm_loss=mse"], "'lm_loss' must be one of kl, ce"),
+    (["method=medusa2", "lm_loss=mse"], "'medusa2.lm_loss' must be one of kl, ce"),
     (["method=medusa2", "cache_hidden=true"], "cache_hidden needs method medusa1"),
     (["draft_vocab=-1"], "draft_vocab must be >= 0"),
     (["data=[]", "draft_vocab=8"], "draft_vocab needs training data"),
@@ -455,9 +465,12 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["mesh.data=0"], "'mesh.data' must be at least 1, got 0"),
     (["log_every=0"], "'log_every' must be at least 1"),
     (["eval_every=-1"], "'eval_every' must be >= 0"),
-    (["learning_rate=0"], "'learning_rate' must be positive"),
-    (["eval_fraction=1"], r"'eval_fraction' must be in \[0, 1\)"),
-    (["model="], "'model' must not be empty"),
+    (["learning_rate=0"], "'optim.learning_rate' must be positive"),
+    (["eval_fraction=1"], r"'data.eval_fraction' must be in \[0, 1\)"),
+    (["model="], "'model.spec' must not be empty"),
+    (["model.spec="], "'model.spec' must not be empty"),
+    (["optim.nope=1"], "unknown config key 'optim.nope'"),
+    (["heads=3"], "config key 'heads' needs a mapping"),
     (["output_dir=3"], "'output_dir' needs a string, got 3"),
     (["data=5"], "'data' needs a path or a list of paths"),
 ])
@@ -483,7 +496,19 @@ def test_cli_bad_key_one_line(tmp_path):
 
 def test_empty_override_clears_an_optional_path():
   cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m.yaml"), ["hidden_cache_dir=", "init_heads="])
-  assert cfg.hidden_cache_dir == "" and cfg.init_heads == ""
+  assert cfg.cache.dir == "" and cfg.heads.init == ""
+
+
+def test_flat_names_and_sections_give_one_config(tmp_path):
+  """Configs written with the earlier flat names (e.g. a run's old train_config.json) load into the
+  same sections as the nested spelling."""
+  flat = load_config(TINY, ["num_heads=2", "learning_rate=0.01", "cache_hidden=true", "model=random:tiny",
+                            "data=a.json", "lm_loss=ce", "hidden_cache_dir=c"])
+  nested = load_config(TINY, ["heads.num_heads=2", "optim.learning_rate=0.01", "cache.hidden=true",
+                              "model.spec=random:tiny", "data.files=[a.json]", "medusa2.lm_loss=ce",
+                              "cache.dir=c"])
+  assert flat == nested and flat.heads.num_heads == 2 and flat.data.files == ["a.json"]
+  assert TrainConfig.from_dict(nested.to_dict()) == nested
 
 
 def test_config_file_must_be_a_mapping(tmp_path):
@@ -496,26 +521,27 @@ def test_config_file_must_be_a_mapping(tmp_path):
 def test_medusa2_starts_from_medusa1_heads(tmp_path):
   """init_heads: the two-stage recipe (Medusa-1 heads, then joint training) starts Medusa-2 from
   exactly the saved heads; a directory of another shape is refused."""
-  from medusa_jax.export import read_heads
-  from medusa_jax.heads_io import save_heads
-  from medusa_jax.trainer import setup
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.formats.layout import read_heads
 
   base = random_model(preset("tiny"), seed=0)
   saved = MedusaHeads.for_model(base, HeadsConfig(3, 1, False), seed=5)
   for blocks in saved.blocks:
     blocks[0].linear.kernel[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(3), blocks[0].linear.kernel.shape)
-  save_heads(saved, str(tmp_path / "heads"), base_model="random:tiny", hidden_size=64, vocab_size=512)
-  run = setup(_config(tmp_path / "run", "method=medusa2", f"init_heads={tmp_path / 'heads'}"))
-  expected = nnx.to_pure_dict(nnx.state(read_heads(str(tmp_path / "heads"), base)))
-  jax.tree.map(np.testing.assert_array_equal, run.params["heads"], expected)
+  medusa_format.write(str(tmp_path / "heads"), saved, base, base_model="random:tiny")
+  init = read_heads(str(tmp_path / "heads"), base)
+  run = setup(_config(tmp_path / "run", "method=medusa2"), init_heads=init)
+  jax.tree.map(np.testing.assert_array_equal, run.params["heads"], nnx.to_pure_dict(nnx.state(init)))
   with pytest.raises(MedusaError, match="has 3 heads x 1 layers .* asks for 2 x 1"):
-    setup(_config(tmp_path / "run", "num_heads=2", f"init_heads={tmp_path / 'heads'}"))
+    setup(_config(tmp_path / "run", "num_heads=2"), init_heads=init)
+  with pytest.raises(MedusaError, match="pass init_heads="):  # the command line reads heads.init
+    setup(_config(tmp_path / "run", f"heads.init={tmp_path / 'heads'}"))
 
 
 def test_cli_medusa2_writes_the_trained_backbone_and_heads(tmp_path):
   """A Medusa-2 run exports `model/` (HF Llama) and `heads/`; reloaded, they equal the checkpoint."""
-  from medusa_jax import loading
-  from medusa_jax.export import read_heads
+  from medusa_jax.formats.layout import read_heads
+  from medusa_jax.weights import specs
 
   out = tmp_path / "run"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_heads.py"), TINY,
@@ -524,7 +550,7 @@ def test_cli_medusa2_writes_the_trained_backbone_and_heads(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   cfg = load_config(TINY, [f"output_dir={out}", "method=medusa2"])
   trained, heads = trained_model(cfg, random_model(preset("tiny"), seed=cfg.seed))
-  exported = loading.load(str(out / "model")).model
+  exported = specs.load(str(out / "model")).model
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(exported)),
                nnx.to_pure_dict(nnx.state(trained)))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(read_heads(str(out / "heads"), exported))),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from medusa_jax import MedusaError
-from medusa_jax.tree import MC_SIM_7B_63, Tree, get_tree, tree_from_path_counts
+from medusa_jax.medusa.tree import MC_SIM_7B_63, Tree, get_tree
+from medusa_jax.tuning.tree_builder import tree_from_path_counts
 
 SMALL = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 

@@ -1,0 +1,71 @@
+"""Shared command-line plumbing: one-line errors instead of tracebacks, quiet logs, the flags of
+`GenerationConfig` (one definition for every tool that generates)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+from medusa_jax.decode.config import ACCEPTANCES, GenerationConfig
+from medusa_jax.errors import MedusaError
+
+_DEFAULTS = GenerationConfig()
+
+
+def quiet_logs() -> None:
+  """Silences TensorFlow/XLA C++ log spam and transformers' advisory warnings for CLI use."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def require_positive(args, *names: str) -> None:
+  """A one-line error for the first of these argparse flags (None: not given) below 1."""
+  for name in names:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
+  """`--max-new-tokens`, `--temperature`, `--top-p`, `--acceptance`, `--posterior-threshold`,
+  `--posterior-alpha`, `--seed`, with `GenerationConfig`'s defaults."""
+  p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
+  p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+  p.add_argument("--acceptance", choices=ACCEPTANCES, default=_DEFAULTS.acceptance,
+                 help="Medusa at temperature > 0: lossless (the baseline's distribution) or "
+                      "typical (Medusa's typical acceptance: more tokens per step, not lossless)")
+  p.add_argument("--posterior-threshold", type=float, default=_DEFAULTS.posterior_threshold,
+                 help="typical acceptance epsilon")
+  p.add_argument("--posterior-alpha", type=float, default=_DEFAULTS.posterior_alpha,
+                 help="typical acceptance delta")
+  p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+
+
+def generation_config(args, **changes) -> GenerationConfig:
+  """The `GenerationConfig` of parsed `add_generation_flags` flags (plus `changes`)."""
+  return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, acceptance=args.acceptance,
+                          posterior_threshold=args.posterior_threshold,
+                          posterior_alpha=args.posterior_alpha, seed=args.seed).replace(**changes)
+
+
+def main_guard(fn):
+  """Runs `fn`; a MedusaError (bad input) or a missing file prints `error: ...` and exits 2."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except (MedusaError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      print(f"error: {msg}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
+
+  return wrapper

@@ -1,0 +1,145 @@
+"""The acceptance rule: which candidate path of the tree the base model keeps, and the token it
+adds after the path (the bonus token). Three rules, chosen by a static `rule`:
+
+- `None`, greedy (temperature 0): node i (token `tokens[i]`, parent `parents[i]`) is acceptable
+  when `tokens[i] == argmax(logits[parent])`; lossless: the output equals plain greedy decoding.
+  Bonus: the argmax at the last accepted node.
+- `SamplingParams`, lossless sampling (temperature > 0, top-p): recursive rejection sampling over
+  the tree (SpecInfer, EAGLE) with the heads' guesses as deterministic drafts. At a node whose
+  distribution is p (`sampling.sampling_logits`: temperature, then top-p), its children
+  c_1..c_m are tried in rank order, c_j accepted with probability
+  p(c_j) / (1 - p(c_1) - ... - p(c_{j-1})); the first accepted child is kept and the walk goes
+  on from it. Where no child is accepted, the bonus token is drawn from p without the children's
+  tokens. Every emitted token has exactly the distribution plain sampling gives it; the heads
+  change only how many tokens a step emits.
+- `TypicalParams`, typical acceptance (Medusa's): acceptable when
+  `p(tokens[i]) > min(epsilon, delta * exp(-H(p)))`, p = softmax(logits[parent] / T); not
+  lossless, by design. Bonus: drawn from the tokens above that threshold (the argmax always
+  among them).
+A path is accepted up to its first unacceptable node. The longest accepted prefix wins; ties go
+to the highest summed log-probability of the accepted tokens (greedy: the first such path;
+lossless sampling accepts at most one child per node, so it has no ties).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.decode.sampling import SamplingParams, sample, sampling_logits
+from medusa_jax.medusa.tree import Tree
+
+
+@dataclasses.dataclass(frozen=True)
+class TypicalParams:
+  """Typical acceptance settings (a static jit argument; defaults in `GenerationConfig`)."""
+
+  temperature: float
+  posterior_threshold: float  # epsilon
+  posterior_alpha: float      # delta
+
+
+def typical_threshold(probs: jax.Array, params: TypicalParams) -> jax.Array:
+  """`[..., vocab]` probabilities -> `[...]` threshold min(epsilon, delta * exp(-entropy))."""
+  entropy = -jnp.sum(probs * jnp.log(probs + 1e-5), axis=-1)
+  return jnp.minimum(params.posterior_threshold, params.posterior_alpha * jnp.exp(-entropy))
+
+
+def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: Tree,
+                    typical: TypicalParams | None = None) -> tuple[jax.Array, jax.Array]:
+  """tokens `[batch, T]`, logits at the tree's internal nodes `[batch, I, vocab]` (`tree.internal`:
+  a leaf's logits decide nothing here) -> (acceptable `[batch, T]` bool, log-probability of each
+  token under its parent's distribution `[batch, T]`); root entries unused."""
+  slots = jnp.asarray(tree.parent_slot)
+  if typical is None:
+    ok = tokens == jnp.take(jnp.argmax(internal_logits, axis=-1), slots, axis=1)
+    return ok, jnp.zeros(tokens.shape, jnp.float32)
+  parent_logits = jnp.take(internal_logits, slots, axis=1)  # [b, T, V]
+  probs = jax.nn.softmax(parent_logits / typical.temperature, axis=-1)
+  p = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+  return p > typical_threshold(probs, typical), jnp.log(p + 1e-30)
+
+
+def choose_path(ok: jax.Array, logp: jax.Array, tree: Tree) -> tuple[jax.Array, jax.Array]:
+  """Per-node acceptability `[batch, T]` -> (winning leaf path `[batch]`, accepted length `[batch]`
+  in 0..depth). The accepted tokens are nodes `tree.retrieve[path, 1 : length + 1]`."""
+  retrieve = jnp.asarray(tree.retrieve[:, 1:])  # [L, D]
+  valid = jnp.asarray(tree.retrieve_mask[:, 1:])
+  matches = jnp.take(ok, retrieve, axis=1) & valid  # [b, L, D]
+  lengths = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [b, L]
+  longest = jnp.max(lengths, axis=-1)
+  in_prefix = jnp.arange(tree.depth)[None, None, :] < longest[:, None, None]
+  score = jnp.sum(jnp.where(in_prefix, jnp.take(logp, retrieve, axis=1), 0.0), axis=-1)
+  score = jnp.where(lengths == longest[:, None], score, -jnp.inf)
+  return jnp.argmax(score, axis=-1).astype(jnp.int32), longest.astype(jnp.int32)
+
+
+def typical_sample(logits: jax.Array, key: jax.Array, params: TypicalParams) -> jax.Array:
+  """The next token in typical mode: sampled from softmax(logits / T) restricted to tokens above
+  the typical threshold (the most likely token always stays). `[batch, vocab]` -> `[batch]`."""
+  scaled = logits / params.temperature
+  probs = jax.nn.softmax(scaled, axis=-1)
+  keep = (probs > typical_threshold(probs, params)[..., None]) | (
+      scaled == jnp.max(scaled, axis=-1, keepdims=True))
+  return jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+Rule = TypicalParams | SamplingParams | None
+
+
+def lossless_acceptance(tokens: jax.Array, internal_probs: jax.Array, uniform: jax.Array,
+                        tree: Tree) -> jax.Array:
+  """tokens `[batch, T]`, probabilities at the tree's internal nodes `[batch, I, vocab]`, uniform
+  draws `[batch, T]` -> `[batch, T]` bool: node n is the first of its siblings, in rank order, to
+  pass its test `u_n < p(c_n) / (1 - p(earlier siblings))` (root entry unused)."""
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  p = internal_probs[rows, jnp.asarray(tree.parent_slot)[None, :], tokens]  # [b, T]
+  earlier = jnp.asarray(tree.earlier_siblings)[None]  # [1, T, T]
+  repeated = jnp.any(earlier & (tokens[:, :, None] == tokens[:, None, :]), axis=-1)
+  p = jnp.where(repeated, 0.0, p)  # a token already tried here (heads' top-k never repeat one)
+  left = 1.0 - jnp.sum(jnp.where(earlier, p[:, None, :], 0.0), axis=-1)  # mass the earlier ones left
+  passed = (uniform * left < p) & (p > 0)  # u < p / left, without dividing by a vanishing `left`
+  return passed & ~jnp.any(earlier & passed[:, None, :], axis=-1)
+
+
+def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
+  """The token after the prompt, as plain decoding draws it (typical: `typical_sample`).
+  `[batch, vocab]` -> `[batch]`."""
+  if isinstance(rule, TypicalParams):
+    return typical_sample(logits, key, rule)
+  return sample(logits, key, rule or SamplingParams())
+
+
+def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
+           key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """tokens `[batch, T]`, the base model's logits at every tree node `[batch, T, vocab]` -> (the
+  kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
+  last accepted node `[batch, 1]`; the bonus token `[batch]`, drawn there). The accepted tokens
+  are `tokens` at `path[:, 1 : accepted + 1]`."""
+  if isinstance(rule, SamplingParams) and rule.greedy:
+    rule = None
+  internal = jnp.take(logits, jnp.asarray(tree.internal), axis=1)
+  key_accept, key_bonus = jax.random.split(key)
+  if isinstance(rule, SamplingParams):
+    probs = jax.nn.softmax(sampling_logits(internal, rule), axis=-1)
+    ok = lossless_acceptance(tokens, probs, jax.random.uniform(key_accept, tokens.shape), tree)
+    logp = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    ok, logp = node_acceptance(tokens, internal, tree, rule)
+  best, accepted = choose_path(ok, logp, tree)
+  path = jnp.take(jnp.asarray(tree.retrieve), best, axis=0)
+  last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
+  last_logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
+  if not isinstance(rule, SamplingParams):
+    return path, accepted, last, first_token(last_logits, key_bonus, rule)
+  # every child of the last node was tried and rejected: draw from p without their tokens
+  children = jnp.asarray(tree.parents)[None, :] == last  # [b, T]
+  vocab = last_logits.shape[-1]
+  scaled = sampling_logits(last_logits, rule)
+  residual = scaled.at[jnp.arange(tokens.shape[0])[:, None], jnp.where(children, tokens, vocab)].set(
+      -jnp.inf, mode="drop")
+  # all of p on the children yet all rejected: only by rounding (~1e-7); draw from p then
+  residual = jnp.where(jnp.any(residual > -jnp.inf, axis=-1, keepdims=True), residual, scaled)
+  return path, accepted, last, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32)

@@ -1,0 +1,70 @@
+"""`GenerationConfig`: every setting of one generation, shared by `Engine.generate`,
+`Engine.generate_ids`, the command-line tools and (later) the server. Its defaults are the
+project's defaults, in this one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from medusa_jax.decode.acceptance import Rule, TypicalParams
+from medusa_jax.decode.sampling import SamplingParams
+from medusa_jax.errors import MedusaError
+
+MODES = ("auto", "medusa", "baseline")
+ACCEPTANCES = ("lossless", "typical")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """How to generate. `mode`: "medusa", "baseline", or "auto" (Medusa when heads are loaded).
+  At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
+  `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
+  `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`
+  delta; faster, not the same distribution, ignores top-p)."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_p: float = 1.0
+  mode: str = "auto"
+  acceptance: str = "lossless"
+  posterior_threshold: float = 0.09
+  posterior_alpha: float = 0.3
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise MedusaError(f"unknown mode {self.mode!r}; use medusa, baseline or auto")
+    if self.acceptance not in ACCEPTANCES:
+      raise MedusaError(f"unknown acceptance {self.acceptance!r}; use lossless or typical")
+    if self.max_new_tokens < 1:
+      raise MedusaError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.temperature >= 0:
+      raise MedusaError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise MedusaError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not (self.posterior_threshold >= 0 and self.posterior_alpha >= 0):
+      raise MedusaError(f"posterior_threshold and posterior_alpha must be >= 0, got "
+                        f"{self.posterior_threshold}, {self.posterior_alpha}")
+
+  def replace(self, **changes) -> "GenerationConfig":
+    """A copy with `changes` (checked like a new config); an unknown setting is a one-line error."""
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise MedusaError(f"unknown generation setting {unknown[0]!r}")
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def sampling(self) -> SamplingParams:
+    """The plain decoder's sampling settings (a static jit argument)."""
+    return SamplingParams(float(self.temperature), float(self.top_p))
+
+  @property
+  def rule(self) -> Rule:
+    """Medusa's acceptance rule (`acceptance.py`): None (greedy), `SamplingParams` (lossless) or
+    `TypicalParams`."""
+    if self.temperature <= 0:
+      return None
+    if self.acceptance == "lossless":
+      return self.sampling
+    return TypicalParams(float(self.temperature), float(self.posterior_threshold),
+                         float(self.posterior_alpha))

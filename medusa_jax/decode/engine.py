@@ -1,0 +1,194 @@
+"""The notebook API: `medusa_jax.load(spec)` returns an `Engine` with `.tokenizer` and `.generate()`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medusa_jax.decode.config import MODES, GenerationConfig
+from medusa_jax.decode.medusa import medusa_generate
+from medusa_jax.decode.plain import baseline_generate
+from medusa_jax.errors import MedusaError
+from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.heads import MedusaHeads
+from medusa_jax.medusa.tree import Tree, default_tree, get_tree
+from medusa_jax.model.llama import Llama
+from medusa_jax.model.tokenizer import Message, encode_chat
+
+
+@dataclasses.dataclass
+class Generation:
+  """One answer: the fields of `infer/generate.py --json`."""
+
+  text: str
+  token_ids: list[int]
+  new_tokens: int
+  steps: int
+  tokens_per_step: float
+  seconds: float
+  tokens_per_second: float
+
+
+class GenerationResult(NamedTuple):
+  """`Engine.generate_ids`' answer for a batch (NumPy arrays)."""
+
+  tokens: np.ndarray      # `[batch, max_new_tokens]` new tokens, padding past `num_tokens`
+  num_tokens: np.ndarray  # `[batch]` tokens emitted (EOS included)
+  steps: np.ndarray       # `[batch]` forward passes that emitted them (prefill counts as one)
+  seconds: float          # the device run, compilation excluded
+
+
+def bucket(n: int, minimum: int = 32) -> int:
+  """The shape bucket (next power of two, at least `minimum`) for a length `n`."""
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists to `[batch, length]`; returns (tokens, lengths)."""
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, : len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+class Engine:
+  """A backbone and optional Medusa heads with its tokenizer, held as graphdef + state so every
+  generation is a pure jitted function of (state, inputs). One compilation per shape bucket."""
+
+  def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | None = None,
+               tree: str | Tree | Sequence[Sequence[int]] | None = None, name: str = "model",
+               max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None):
+    self.graphdef, self.state = nnx.split(model)
+    self.config = model.config
+    self.heads_graphdef, self.heads_state = nnx.split(heads) if heads is not None else (None, None)
+    self.heads_config = heads.config if heads is not None else None
+    self.tree = None
+    self.draft: DraftVocab | None = None
+    if heads is not None:
+      self.set_tree(tree if tree is not None else default_tree(None, heads.config.num_heads))
+      self.set_draft_vocab(draft_vocab)
+    self.dtype = model.dtype
+    self.tokenizer = tokenizer
+    self.name = name
+    self.max_cache_len = max_cache_len or self.config.max_position_embeddings
+    eos = set(self.config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+      eos.add(int(tokenizer.eos_token_id))
+    self.eos_ids = jnp.asarray(sorted(eos), jnp.int32)
+    self.pad_id = int(self.config.pad_token_id)
+    self._compiled: dict = {}
+    self.compile_seconds = 0.0
+
+  def _call(self, fn, *args, **static):
+    """Runs jitted `fn` on positional array arguments `args`, compiling once per (fn, argument
+    shapes, static keyword arguments); returns (device-fetched output, seconds of the run alone)."""
+    static = dict(graphdef=self.graphdef, **static)
+    key = (fn.__name__, tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])),
+           tuple(sorted(static.items(), key=lambda kv: kv[0])))
+    if key not in self._compiled:
+      start = time.perf_counter()
+      self._compiled[key] = fn.lower(*args, **static).compile()
+      self.compile_seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.device_get(self._compiled[key](*args))
+    return out, time.perf_counter() - start
+
+  def set_tree(self, tree: str | Tree | Sequence[Sequence[int]]) -> None:
+    """Chooses the candidate tree (a name, a list of paths, or a `Tree`), checked against the heads."""
+    tree = get_tree(tree, num_heads=self.heads_config.num_heads, vocab_size=self.config.vocab_size)
+    if self.draft is not None and tree.topk > len(self.draft.ids):
+      raise MedusaError(f"tree asks for top-{tree.topk} guesses of a {len(self.draft.ids)}-token "
+                        "drafting vocabulary")
+    self.tree = tree
+
+  def set_draft_vocab(self, ids: Sequence[int] | None) -> None:
+    """Restricts the heads' guesses to the token ids `ids` (`draft_vocab.py`); None: the whole
+    vocabulary. Outputs do not change, only which guesses the heads can make."""
+    self.resolve_mode("medusa")  # a clear error when no heads are loaded
+    self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
+
+  @property
+  def heads(self) -> MedusaHeads | None:
+    return None if self.heads_graphdef is None else nnx.merge(self.heads_graphdef, self.heads_state)
+
+  @property
+  def model(self) -> Llama:
+    return nnx.merge(self.graphdef, self.state)
+
+  def encode(self, prompt: str | Sequence[Message], chat: bool = True) -> list[int]:
+    return encode_chat(self.tokenizer, prompt, chat)
+
+  def _check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, extra: int) -> int:
+    if not prompts:
+      raise MedusaError("no prompts given")
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+      raise MedusaError("a prompt is empty")
+    for p in prompts:
+      if max(p) >= self.config.vocab_size or min(p) < 0:
+        raise MedusaError(f"a prompt holds a token id outside the vocabulary [0, {self.config.vocab_size})")
+    need = longest + max_new_tokens + extra
+    if need > self.max_cache_len:
+      raise MedusaError(
+          f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} (+{extra} for the tree) "
+          f"exceeds the cache length {self.max_cache_len}"
+      )
+    return bucket(longest)
+
+  def resolve_mode(self, mode: str) -> str:
+    """"auto" is Medusa when heads are loaded, else baseline."""
+    if mode == "auto":
+      return "medusa" if self.heads_graphdef is not None else "baseline"
+    if mode not in MODES:
+      raise MedusaError(f"unknown mode {mode!r}; use medusa, baseline or auto")
+    if mode == "medusa" and self.heads_graphdef is None:
+      raise MedusaError("mode medusa needs Medusa heads (load some with heads=...)")
+    return mode
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
+                   **settings) -> GenerationResult:
+    """Token-level generation of token-id prompts under `config` (default `GenerationConfig()`)
+    with any of its fields overridden by keyword (`max_new_tokens=64`, `temperature=0.7`, ...).
+    Medusa at temperature 0 is greedy and identical to baseline greedy decoding."""
+    config = (config or GenerationConfig()).replace(**settings)
+    mode = self.resolve_mode(config.mode)
+    max_new_tokens = config.max_new_tokens
+    extra = self.tree.size if mode == "medusa" else 1
+    length = self._check_lengths(prompts, max_new_tokens, extra if mode == "medusa" else 0)
+    tokens, lens = pad_prompts(prompts, length, self.pad_id)
+    cache_len = -(-(length + max_new_tokens + extra) // 64) * 64
+    args = (jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(config.seed), self.eos_ids)
+    common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
+                  cache_dtype=self.dtype)
+    if mode == "baseline":
+      out, seconds = self._call(baseline_generate, self.state, *args, sampling=config.sampling, **common)
+    else:
+      out, seconds = self._call(medusa_generate, self.state, self.heads_state, self.draft, *args,
+                                heads_graphdef=self.heads_graphdef, tree=self.tree, rule=config.rule,
+                                **common)
+    return GenerationResult(np.asarray(out.tokens), np.asarray(out.num_tokens), np.asarray(out.steps),
+                            seconds)
+
+  def generate(self, prompts: str | Sequence[str | Sequence[Message]],
+               config: GenerationConfig | None = None, *, chat: bool = True,
+               **settings) -> Generation | list[Generation]:
+    """Answers one prompt (returns a `Generation`) or a batch (returns a list); `config` and
+    `settings` as in `generate_ids`; `chat`: through the tokenizer's chat template."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    out = self.generate_ids([self.encode(p, chat) for p in batch], config, **settings)
+    results = []
+    for row, n, s in zip(out.tokens, out.num_tokens, out.steps):
+      new = [int(t) for t in row[: int(n)]]
+      results.append(Generation(
+          text=self.tokenizer.decode(new, skip_special_tokens=True), token_ids=new,
+          new_tokens=int(n), steps=int(s), tokens_per_step=float(n) / max(int(s), 1),
+          seconds=out.seconds, tokens_per_second=float(n) / out.seconds if out.seconds > 0 else 0.0,
+      ))
+    return results[0] if single else results

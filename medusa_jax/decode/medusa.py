@@ -1,0 +1,111 @@
+"""Medusa tree decoding: one jitted `jax.lax.while_loop`, static shapes, batch > 1.
+
+Each step, per row: (1) the tree's tokens from the root (last emitted token) and the heads' top-k
+at the last accepted position; (2) one forward over all tree tokens with the tree mask, their
+K/V written after the row's prefix; (3) acceptance on the device; (4) the accepted path's K/V moved
+to contiguous positions; the accepted tokens plus one bonus token (from the base logits at the
+last accepted node) emitted; the heads' guesses there (over their drafting vocabulary,
+`draft_vocab.py`) seed the next step, with no extra forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medusa_jax.decode.acceptance import Rule, accept, first_token
+from medusa_jax.decode.plain import DecodeOutput, Emitted, prefill
+from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.heads import MedusaHeads
+from medusa_jax.medusa.tree import Tree
+from medusa_jax.model.kv_cache import KVCache
+from medusa_jax.model.llama import Llama
+
+
+def heads_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree,
+              draft: DraftVocab | None) -> jax.Array:
+  """The first `tree.depth` heads' top-k ids `[batch, depth, topk]` at hidden states `[batch, embed]`,
+  over the drafting vocabulary `draft` (None: the whole vocabulary)."""
+  feats = heads.hidden(hidden, tree.depth)
+  top = (jax.lax.top_k(heads.logits(feats, model), tree.topk)[1] if draft is None
+         else draft.top_k(feats, tree.topk))
+  return jnp.moveaxis(top, 0, 1).astype(jnp.int32)
+
+
+def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
+  """root `[batch]`, heads' top-k `[batch, depth, topk]` -> the tree's tokens `[batch, T]`."""
+  flat = jnp.concatenate([root[:, None], top.reshape(top.shape[0], -1)], axis=1)
+  return jnp.take(flat, jnp.asarray(tree.candidate_index), axis=1)
+
+
+def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, top: jax.Array,
+                tree: Tree, key: jax.Array, rule: Rule, draft: DraftVocab | None = None):
+  """One tree step. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with
+  the accepted path committed, next root `[batch]`, next heads' top-k).
+
+  One vocab matmul over every tree node gives the logits for acceptance and the bonus token
+  (`acceptance.accept` under `rule`); the heads then project only the last accepted node, over
+  the drafting vocabulary `draft`."""
+  tokens = tree_tokens(root, top, tree)
+  positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
+  hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
+  logits = model.logits(hidden)  # [b, T, vocab]
+  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)  # path: [b, D+1] node ids
+  last_hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0]
+  next_top = heads_top(model, heads, last_hidden, tree, draft)
+  path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
+  shifted = jnp.concatenate([path_tokens[:, 1:], bonus[:, None]], axis=1)
+  j = jnp.arange(tree.depth + 1)[None, :]
+  emitted = jnp.where(j < accepted[:, None], shifted, jnp.where(j == accepted[:, None], bonus[:, None], 0))
+  cache = cache.commit_path(path, accepted + 1)
+  return emitted, accepted + 1, cache, bonus, next_top
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Carry:
+  cache: KVCache
+  root: jax.Array   # `[batch]` the token emitted last: the next tree's root
+  top: jax.Array    # `[batch, depth, topk]` the heads' guesses after it
+  emitted: Emitted
+  steps: jax.Array  # `[batch]` forward passes of each row until it was done
+  key: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
+                                             "cache_len", "rule", "pad_id", "cache_dtype"))
+def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab | None,
+                    tokens: jax.Array, prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
+                    graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef, tree: Tree, max_new_tokens: int,
+                    cache_len: int, rule: Rule, pad_id: int,
+                    cache_dtype=jnp.float32) -> DecodeOutput:
+  """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`) under the
+  acceptance `rule` (None: greedy; `acceptance.py`); the heads draft from `draft` (None: the whole
+  vocabulary). `cache_len` must be at least P + max_new_tokens + tree.size."""
+  model = nnx.merge(graphdef, state)
+  heads = nnx.merge(heads_graphdef, heads_state)
+  batch = tokens.shape[0]
+  cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
+  logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
+  key, sub = jax.random.split(key)
+  root = first_token(logits, sub, rule)  # from the very logits (and key) the baseline's first token comes from
+  ones = jnp.ones((batch,), jnp.int32)
+  emitted = Emitted.init(batch, max_new_tokens, tree.depth + 1, pad_id).record(
+      root[:, None], ones, eos_ids, max_new_tokens)
+
+  def body(c: _Carry) -> _Carry:
+    key, sub = jax.random.split(c.key)
+    new, n, cache, root, top = medusa_step(model, heads, c.cache, c.root, c.top, tree, sub, rule, draft)
+    done = c.emitted.done
+    cache = KVCache(cache.keys, cache.values, jnp.where(done, c.cache.lengths, cache.lengths))
+    return _Carry(cache, root, top, c.emitted.record(new, n, eos_ids, max_new_tokens),
+                  c.steps + (~done).astype(jnp.int32), key)
+
+  start = _Carry(cache, root, heads_top(model, heads, hidden, tree, draft), emitted, ones, key)
+  end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body, start)
+  return DecodeOutput(tokens=end.emitted.tokens[:, :max_new_tokens], num_tokens=end.emitted.count,
+                      steps=end.steps)

@@ -1,0 +1,1 @@
+"""On-disk heads and model formats, each a read + write pair (Medusa/TGI, vLLM, HF Llama, orbax runs), and the one place that tells which layout a directory holds."""

@@ -1,0 +1,50 @@
+"""The one place that tells which layout a directory holds and reads or writes each by name.
+
+Heads directories: a training run (orbax, `orbax_run.py`), vLLM Medusa (`vllm.py`), or Medusa v0.1
+/ TGI (`medusa.py`). Export formats: `medusa`, `vllm`, and `hf-llama` (the backbone as a Hugging
+Face Llama directory, `weights/hf.py`). Writes are atomic and never replace an existing output
+without `force`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medusa_jax.errors import MedusaError
+from medusa_jax.formats import medusa, orbax_run, vllm
+from medusa_jax.medusa.heads import MedusaHeads
+from medusa_jax.model.llama import Llama
+from medusa_jax.weights import hf
+
+FORMATS = ("medusa", "vllm", "hf-llama")
+
+
+def detect(path: str) -> str:
+  """"orbax", "vllm" or "medusa" (the last also for a directory that is none of them: its reader
+  names what is missing)."""
+  if orbax_run.holds(path):
+    return "orbax"
+  return "vllm" if vllm.holds(path) else "medusa"
+
+
+def read_heads(path: str, model: Llama) -> MedusaHeads:
+  """Heads from a training run, a vLLM Medusa or a Medusa/TGI directory, for `model`."""
+  return {"orbax": orbax_run.read, "vllm": vllm.read, "medusa": medusa.read}[detect(path)](path, model)
+
+
+def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_name: str,
+           tokenizer=None, force: bool = False, draft_ids: np.ndarray | None = None) -> None:
+  """Writes `fmt` to `out`: heads for Medusa/TGI (per-head lm_heads always written, as those tools
+  need them) or vLLM, or the backbone as HF Llama. `draft_ids`: the heads' drafting vocabulary
+  (vLLM's `token_map`; a `draft_vocab.json` in the Medusa layout), None for the whole vocabulary."""
+  if fmt not in FORMATS:
+    raise MedusaError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+  if fmt != "hf-llama" and heads is None:
+    raise MedusaError(f"format {fmt} needs heads (--heads)")
+  if fmt == "medusa":
+    medusa.write(out, heads, model, base_model=base_name, lm_head_copies=True, draft_ids=draft_ids,
+                 force=force)
+  elif fmt == "vllm":
+    vllm.write(out, heads, model, base_model=base_name, draft_ids=draft_ids, force=force)
+  else:
+    hf.write_dir(out, model, tokenizer=tokenizer, force=force)

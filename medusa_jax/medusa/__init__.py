@@ -1,0 +1,1 @@
+"""What Medusa adds to a backbone: the heads, candidate trees and their buffers, the drafting vocabulary."""

@@ -1,0 +1,72 @@
+"""The KV cache: a pytree of per-layer key/value buffers and a length per batch row.
+
+Row `b` holds valid entries at positions `[0, lengths[b])`. A forward writes the K/V of its
+`T` new tokens at `[lengths[b], lengths[b] + T)` and leaves `lengths` alone: the caller commits
+(`advance`) or compacts (`commit_path`) what it keeps. Entries past `lengths` are never attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.model.config import ModelConfig
+from medusa_jax.model.rows import gather_rows, write_rows
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  keys: tuple[jax.Array, ...]    # per layer `[batch, max_len, kv_heads, head_dim]`
+  values: tuple[jax.Array, ...]  # per layer `[batch, max_len, kv_heads, head_dim]`
+  lengths: jax.Array             # `[batch]` int32
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    def zeros():
+      return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+    return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.keys[0].shape[1]
+
+  def write(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """K/V buffers of `layer` with `k`, `v` `[batch, T, kv_heads, head_dim]` written at `lengths`."""
+    return write_rows(self.keys[layer], k, self.lengths), write_rows(self.values[layer], v, self.lengths)
+
+  def advance(self, n: jax.Array) -> "KVCache":
+    """Commits the next `n` `[batch]` written entries of each row."""
+    return dataclasses.replace(self, lengths=self.lengths + n.astype(jnp.int32))
+
+  def commit_path(self, offsets: jax.Array, n: jax.Array) -> "KVCache":
+    """Moves entries `lengths + offsets[:, j]` to `lengths + j` and commits `n` `[batch]` of them.
+
+    `offsets` `[batch, k]` must satisfy `offsets[:, j] >= j` (a tree path in node order), so
+    reading every source before writing is safe.
+    """
+    src = self.lengths[:, None] + offsets
+
+    def move(buf):
+      return write_rows(buf, gather_rows(buf, src), self.lengths)
+
+    return KVCache(
+        keys=tuple(move(k) for k in self.keys),
+        values=tuple(move(v) for v in self.values),
+        lengths=self.lengths + n.astype(jnp.int32),
+    )
+
+
+def attention_mask(lengths: jax.Array, chunk_mask: jax.Array, max_len: int) -> jax.Array:
+  """`[batch, T, max_len]` bool: query `i` of the chunk written at `lengths` sees the cached prefix
+  `[0, lengths)` and the chunk positions `j` where `chunk_mask[i, j]` (causal or tree mask `[T, T]`)."""
+  t = chunk_mask.shape[0]
+  rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [b, S]
+  in_chunk = (rel >= 0) & (rel < t)
+  chunk = jnp.take(chunk_mask, jnp.clip(rel, 0, t - 1), axis=1)  # [T, b, S]
+  chunk = jnp.transpose(chunk, (1, 0, 2))
+  return (rel < 0)[:, None, :] | (in_chunk[:, None, :] & chunk)

@@ -1,0 +1,91 @@
+"""The Llama-family backbone in Flax NNX: decoder blocks over per-layer weights, final norm, lm_head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medusa_jax.model.attention import Attention
+from medusa_jax.model.config import ModelConfig
+from medusa_jax.model.kv_cache import KVCache, attention_mask
+from medusa_jax.model.layers import MLP, Embed, Linear, RMSNorm
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+    self.attn = Attention(config, rngs=rngs, **kw)
+    self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+    self.mlp = MLP(config.hidden_size, config.intermediate_size, rngs=rngs, **kw)
+
+  def __call__(self, x, positions, mask, write=None):
+    h, kv = self.attn(self.attn_norm(x), positions, mask, write=write)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), kv
+
+
+def causal_mask(t: int) -> jax.Array:
+  """`[t, t]` lower-triangular bool mask."""
+  return jnp.asarray(np.tril(np.ones((t, t), bool)))
+
+
+class Llama(nnx.Module):
+  """Llama-family decoder. Layers are separate modules (per-layer arrays): a batch-1 decode step
+  reads each weight once, with no slicing of stacked arrays inside the jitted loop."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.config = config
+    self.dtype = dtype
+    self.embed = Embed(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
+    self.layers = nnx.List([Block(config, rngs=rngs, **kw) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+    self.lm_head = (
+        None if config.tie_embeddings
+        else Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs, **kw)
+    )
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                    chunk_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]` and the cache.
+
+    With a cache, the chunk's K/V are written at `cache.lengths` and it attends to the cached
+    prefix plus itself under `chunk_mask` `[T, T]` (causal by default; a tree mask for Medusa).
+    `cache.lengths` is left unchanged.
+    """
+    t = tokens.shape[1]
+    chunk_mask = causal_mask(t) if chunk_mask is None else chunk_mask
+    x = self.embed(tokens)
+    if cache is None:
+      mask = jnp.broadcast_to(chunk_mask, (tokens.shape[0], t, t))
+      for block in self.layers:
+        x, _ = block(x, positions, mask)
+      return self.norm(x), None
+
+    mask = attention_mask(cache.lengths, chunk_mask, cache.max_len)
+    keys, values = [], []
+    for i, block in enumerate(self.layers):
+      x, (k, v) = block(x, positions, mask, write=lambda k, v, i=i: cache.write(i, k, v))
+      keys.append(k)
+      values.append(v)
+    return self.norm(x), KVCache(tuple(keys), tuple(values), cache.lengths)
+
+  def lm_head_kernel(self) -> jax.Array:
+    """The output projection `[embed, vocab]`: the tied embedding table transposed, or the lm_head."""
+    return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[..., embed]` -> float32 logits `[..., vocab]`."""
+    out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens, positions, cache=None, chunk_mask=None):
+    """Returns (logits `[batch, T, vocab]`, hidden `[batch, T, embed]`, cache)."""
+    hidden, cache = self.hidden_states(tokens, positions, cache, chunk_mask)
+    return self.logits(hidden), hidden, cache

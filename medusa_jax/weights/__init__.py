@@ -1,0 +1,1 @@
+"""Backbone weights from disk: GGUF files, Hugging Face safetensors directories, model specs."""
