@@ -21,8 +21,9 @@ ALLOWED = {
     "training": {"errors", "atomic", "model", "medusa", "weights"},
     "formats": {"errors", "atomic", "model", "medusa", "weights", "training"},
     "tuning": {"errors", "model", "medusa", "decode"},
+    "serve": {"errors", "decode"},
     "cli": {"", "errors", "atomic", "model", "medusa", "weights", "decode", "training", "formats",
-            "tuning"},
+            "tuning", "serve"},
     "": {"errors", "model", "medusa", "weights", "decode", "formats"},
 }
 

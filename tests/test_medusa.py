@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from medusa_jax.decode.acceptance import accept
 from medusa_jax.decode.engine import Engine
-from medusa_jax.decode.medusa import medusa_step
+from medusa_jax.decode.medusa import keep_path, tree_forward
 from medusa_jax.decode.plain import prefill
 from medusa_jax.decode.sampling import SamplingParams, sampling_logits
 from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
@@ -106,8 +107,9 @@ def test_oracle_heads_reach_depth_plus_one_tokens_per_step(temperature):
 
 
 def test_cache_after_step_equals_plain_forward():
+  """A tree step whose oracle guesses are all right emits depth + 1 tokens and leaves the cache a
+  plain forward over the same tokens would."""
   model = random_model(preset("tiny"), seed=5)
-  heads = random_heads(model, HeadsConfig(4, 1, True))
   engine = Engine(model, ByteTokenizer(), max_cache_len=512)
   prompts = _prompts(9, [7, 12])
   greedy, _, _, _ = engine.generate_ids(prompts, max_new_tokens=8, mode="baseline")
@@ -126,10 +128,11 @@ def test_cache_after_step_equals_plain_forward():
   def run(tokens, lens, top):
     cache = KVCache.init(model.config, 2, p_len + tree.size)  # room for the prompt and the tree
     _, _, cache = prefill(model, tokens, lens, cache)
-    return medusa_step(model, heads, cache, jnp.asarray(greedy[:, 0]), top, tree,
-                       jax.random.PRNGKey(0), None)
+    tree_tokens, _, logits, node_hidden, cache = tree_forward(model, cache, jnp.asarray(greedy[:, 0]), top, tree)
+    path, accepted, last, bonus = accept(tree_tokens, logits, tree, None, jax.random.PRNGKey(0))
+    return *keep_path(tree_tokens, node_hidden, cache, path, accepted, last, bonus, tree)[:3], bonus
 
-  emitted, n, cache, bonus, _ = run(jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(top))
+  emitted, n, cache, bonus = run(jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(top))
   np.testing.assert_array_equal(n, [d + 1, d + 1])
   np.testing.assert_array_equal(emitted, greedy[:, 1: d + 2])
   np.testing.assert_array_equal(bonus, greedy[:, d + 1])

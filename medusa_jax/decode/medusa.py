@@ -4,8 +4,8 @@ Each step, per row: (1) the tree's tokens from the root (last emitted token) and
 at the last accepted position; (2) one forward over all tree tokens with the tree mask, their
 K/V written after the row's prefix; (3) acceptance on the device; (4) the accepted path's K/V moved
 to contiguous positions; the accepted tokens plus one bonus token (from the base logits at the
-last accepted node) emitted; the heads' guesses there (over their drafting vocabulary,
-`draft_vocab.py`) seed the next step, with no extra forward.
+last accepted node) emitted; the hidden state there seeds the next step's guesses (over the heads'
+drafting vocabulary, `draft_vocab.py`), with no extra forward.
 """
 
 from __future__ import annotations
@@ -42,27 +42,44 @@ def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
   return jnp.take(flat, jnp.asarray(tree.candidate_index), axis=1)
 
 
-def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, top: jax.Array,
-                tree: Tree, key: jax.Array, rule: Rule, draft: DraftVocab | None = None):
-  """One tree step. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with
-  the accepted path committed, next root `[batch]`, next heads' top-k).
-
-  One vocab matmul over every tree node gives the logits for acceptance and the bonus token
-  (`acceptance.accept` under `rule`); the heads then project only the last accepted node, over
-  the drafting vocabulary `draft`."""
+def tree_forward(model: Llama, cache: KVCache, root: jax.Array, top: jax.Array, tree: Tree):
+  """The tree after `root` `[batch]` from the heads' top-k `top` `[batch, depth, topk]` through the
+  model in one forward, its K/V written after each row's prefix. Returns (tree tokens `[batch, T]`,
+  positions `[batch, T]`, float32 logits `[batch, T, vocab]`, hidden states `[batch, T, embed]`,
+  cache)."""
   tokens = tree_tokens(root, top, tree)
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
-  hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
-  logits = model.logits(hidden)  # [b, T, vocab]
-  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)  # path: [b, D+1] node ids
-  last_hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0]
-  next_top = heads_top(model, heads, last_hidden, tree, draft)
+  node_hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
+  return tokens, positions, model.logits(node_hidden), node_hidden, cache
+
+
+def keep_path(tokens: jax.Array, node_hidden: jax.Array, cache: KVCache, path: jax.Array,
+              accepted: jax.Array, last: jax.Array, bonus: jax.Array, tree: Tree):
+  """After acceptance (`acceptance.accept`'s path, accepted count, last node and bonus token):
+  (emitted `[batch, depth + 1]`: the accepted tokens then the bonus, emitted count `[batch]`, the
+  cache with the accepted path's K/V moved to contiguous positions and committed, the last
+  accepted node's hidden state `[batch, embed]`)."""
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
   shifted = jnp.concatenate([path_tokens[:, 1:], bonus[:, None]], axis=1)
   j = jnp.arange(tree.depth + 1)[None, :]
   emitted = jnp.where(j < accepted[:, None], shifted, jnp.where(j == accepted[:, None], bonus[:, None], 0))
-  cache = cache.commit_path(path, accepted + 1)
-  return emitted, accepted + 1, cache, bonus, next_top
+  last_hidden = jnp.take_along_axis(node_hidden, last[:, :, None], axis=1)[:, 0]
+  return emitted, accepted + 1, cache.commit_path(path, accepted + 1), last_hidden
+
+
+def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, hidden: jax.Array,
+                tree: Tree, key: jax.Array, rule: Rule, draft: DraftVocab | None = None):
+  """One tree step under the acceptance `rule`, its candidates the heads' guesses at `hidden`
+  `[batch, embed]` (the last accepted position's hidden state) over the drafting vocabulary
+  `draft`. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with the
+  accepted path committed, next root `[batch]`, the hidden state the next step's heads read
+  `[batch, embed]`). One vocab matmul over every tree node gives the logits for acceptance and
+  the bonus token."""
+  top = heads_top(model, heads, hidden, tree, draft)
+  tokens, _, logits, node_hidden, cache = tree_forward(model, cache, root, top, tree)
+  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)
+  emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
+  return emitted, n, cache, bonus, last_hidden
 
 
 @jax.tree_util.register_dataclass
@@ -70,7 +87,7 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
 class _Carry:
   cache: KVCache
   root: jax.Array   # `[batch]` the token emitted last: the next tree's root
-  top: jax.Array    # `[batch, depth, topk]` the heads' guesses after it
+  hidden: jax.Array  # `[batch, embed]` the hidden state at the last accepted position (heads read it)
   emitted: Emitted
   steps: jax.Array  # `[batch]` forward passes of each row until it was done
   key: jax.Array
@@ -99,13 +116,13 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
 
   def body(c: _Carry) -> _Carry:
     key, sub = jax.random.split(c.key)
-    new, n, cache, root, top = medusa_step(model, heads, c.cache, c.root, c.top, tree, sub, rule, draft)
+    new, n, cache, root, hidden = medusa_step(model, heads, c.cache, c.root, c.hidden, tree, sub, rule, draft)
     done = c.emitted.done
     cache = KVCache(cache.keys, cache.values, jnp.where(done, c.cache.lengths, cache.lengths))
-    return _Carry(cache, root, top, c.emitted.record(new, n, eos_ids, max_new_tokens),
+    return _Carry(cache, root, hidden, c.emitted.record(new, n, eos_ids, max_new_tokens),
                   c.steps + (~done).astype(jnp.int32), key)
 
-  start = _Carry(cache, root, heads_top(model, heads, hidden, tree, draft), emitted, ones, key)
+  start = _Carry(cache, root, hidden, emitted, ones, key)
   end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body, start)
   return DecodeOutput(tokens=end.emitted.tokens[:, :max_new_tokens], num_tokens=end.emitted.count,
                       steps=end.steps)

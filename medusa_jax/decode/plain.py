@@ -40,12 +40,15 @@ class Emitted:
     return cls(jnp.full((batch, max_new_tokens + slack), pad_id, jnp.int32), zeros, zeros.astype(bool))
 
   def record(self, new: jax.Array, new_count: jax.Array, eos_ids: jax.Array,
-             max_new_tokens: int) -> "Emitted":
+             max_new_tokens: int | jax.Array, stop_on_eos: jax.Array | None = None) -> "Emitted":
     """Appends `new_count` `[batch]` of `new` `[batch, n]` for rows not done, truncated at the first
-    EOS and at `max_new_tokens`."""
+    EOS (in rows where `stop_on_eos` `[batch]`, default all) and at `max_new_tokens` (a number, or
+    one per row `[batch]`)."""
     n = new.shape[1]
     valid = (jnp.arange(n)[None, :] < new_count[:, None]) & ~self.done[:, None]
     is_eos = jnp.isin(new, eos_ids) & valid
+    if stop_on_eos is not None:
+      is_eos = is_eos & stop_on_eos[:, None]
     first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
     take = jnp.minimum(jnp.where(valid.any(axis=1), jnp.minimum(new_count, first_eos), 0),
                        max_new_tokens - self.count)

@@ -20,10 +20,18 @@ class SamplingParams:
     return self.temperature <= 0.0
 
 
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-  """Masks `[..., vocab]` logits outside the smallest set whose probability reaches `top_p`."""
-  if top_p >= 1.0:
-    return logits
+def top_p_filter(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+  """Masks `[..., vocab]` logits outside the smallest set whose probability reaches `top_p`: a
+  number, or an array broadcastable to `[..., 1]` (per-row settings; rows at 1 are left whole)."""
+  if not isinstance(top_p, jax.Array):
+    if top_p >= 1.0:
+      return logits
+    return _top_p_mask(logits, top_p)
+  return jax.lax.cond(jnp.any(top_p < 1.0),
+                      lambda x: jnp.where(top_p >= 1.0, x, _top_p_mask(x, top_p)), lambda x: x, logits)
+
+
+def _top_p_mask(logits: jax.Array, top_p) -> jax.Array:
   sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens

@@ -26,7 +26,7 @@ from medusa_jax.model.kv_cache import KVCache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree"), donate_argnums=(3,))
-def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, top: jax.Array, *, graphdef,
+def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, hidden: jax.Array, *, graphdef,
           heads_graphdef, tree: Tree | None) -> KVCache:
   """One step (plain when `tree` is None); returns the cache with its lengths unchanged, so that
   every repetition sees the same context."""
@@ -35,8 +35,8 @@ def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, top: jax.A
   if tree is None:
     _, new = decode_step(model, cache, root, key, SamplingParams())
   else:
-    new = medusa_step(model, nnx.merge(heads_graphdef, heads_state), cache, root, top, tree, key, None,
-                      draft)[2]
+    new = medusa_step(model, nnx.merge(heads_graphdef, heads_state), cache, root, hidden, tree, key,
+                      None, draft)[2]
   return KVCache(new.keys, new.values, cache.lengths)
 
 
@@ -48,14 +48,14 @@ def step_seconds(engine: Engine, tree: Tree | None, *, batch: int = 1, context: 
   cache = KVCache.init(engine.config, batch, -(-(context + size) // 64) * 64, engine.dtype)
   cache = KVCache(cache.keys, cache.values, jnp.full((batch,), context, jnp.int32))
   root = jnp.zeros((batch,), jnp.int32)
-  top = jnp.zeros((batch, 1, 1) if tree is None else (batch, tree.depth, tree.topk), jnp.int32)
+  hidden = jnp.zeros((batch, engine.config.hidden_size), engine.dtype)
   run = functools.partial(_step, engine.state, engine.heads_state, engine.draft, graphdef=engine.graphdef,
                           heads_graphdef=engine.heads_graphdef, tree=tree)
-  cache = jax.block_until_ready(run(cache, root, top))  # compile and warm up
+  cache = jax.block_until_ready(run(cache, root, hidden))  # compile and warm up
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    cache = jax.block_until_ready(run(cache, root, top))
+    cache = jax.block_until_ready(run(cache, root, hidden))
     best = min(best, time.perf_counter() - start)
   return best
 

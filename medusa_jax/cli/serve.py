@@ -1,0 +1,56 @@
+"""An OpenAI-compatible server for a model and its Medusa heads, with continuous batching.
+
+    python infer/serve.py                                   # the embedded model + shipped heads on 127.0.0.1:8000
+    python infer/serve.py --heads none --max-batch 16       # the plain model
+
+Endpoints: GET /health (200 once compiled), GET /v1/models, POST /v1/chat/completions and
+/v1/completions (`stream`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `ignore_eos`),
+GET /metrics (Prometheus). Each chunk of decode steps runs the Medusa tree or plain decoding,
+whichever this device's measured step times predict to be faster for the rows live then. SIGTERM
+lets in-flight requests finish (up to 30 s) before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from medusa_jax.cli.common import main_guard, quiet_logs, require_positive
+from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
+from medusa_jax.weights.specs import EMBEDDED_MODEL
+
+
+@main_guard
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default=EMBEDDED_MODEL,
+                 help="smollm2-135m-instruct, a .gguf file, a HF directory, or random:<preset>")
+  p.add_argument("--heads", default="default", help="heads directory, 'default' or 'none'")
+  p.add_argument("--tree", default=None, help="as infer/generate.py's (default: the heads' tree.json)")
+  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-batch", type=int, default=8, help="slots: requests decoded at once")
+  p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens per request")
+  p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+  p.add_argument("--chunk-steps", type=int, default=4, help="decode steps per device call")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--served-model-name", default=None, help="the model id clients ask for")
+  args = p.parse_args(argv)
+  require_positive(args, "max_batch", "max_context", "max_queue", "chunk_steps", "port")
+  quiet_logs()
+  import uvicorn
+
+  import medusa_jax
+  from medusa_jax.serve.api import create_app
+  from medusa_jax.serve.scheduler import Scheduler
+
+  engine = medusa_jax.load(args.model, heads=None if args.heads == "none" else args.heads, tree=args.tree,
+                           dtype=args.dtype, draft_vocab=args.draft_vocab)
+  scheduler = Scheduler(engine, max_batch=args.max_batch, max_context=args.max_context,
+                        chunk_steps=args.chunk_steps, max_queue=args.max_queue)
+  app = create_app(scheduler, args.served_model_name or engine.name)
+  uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,49 @@
+"""Per-row sampling coupled to a seed and a position, for batches whose rows each have their own
+settings (a server's requests).
+
+The token at position p of a row is the argmax of its sampling logits (temperature, then top-p)
+plus Gumbel noise drawn from (the row's key, p): by the Gumbel-max trick an exact sample of
+temperature / top-p sampling, yet fixed by the seed and the position alone. Speculation then
+verifies drafts against that argmax exactly as greedy decoding does (`acceptance.accept` with the
+greedy rule), so every tree, or none, emits the same tokens: a request's output depends on its
+prompt, settings and seed, never on what else shares the batch. A draft token is accepted with
+probability p(token), as recursive rejection sampling accepts it. Temperature 0 rows are greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.decode.sampling import top_p_filter
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+  """Device arrays, so a new setting never recompiles."""
+
+  temperature: jax.Array  # `[batch]` float32; 0: greedy
+  top_p: jax.Array        # `[batch]` float32 in (0, 1]
+  key: jax.Array          # `[batch, 2]` uint32: each row's PRNG key (from its seed)
+
+  @classmethod
+  def create(cls, temperature, top_p, seeds) -> "RowSettings":
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+    return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32), keys)
+
+
+def target_logits(logits: jax.Array, positions: jax.Array, rows: RowSettings) -> jax.Array:
+  """logits `[batch, n, vocab]` predicting the tokens at `positions` `[batch, n]` -> logits whose
+  argmax is the row's token there: the logits themselves for greedy rows, else the sampling logits
+  plus the Gumbel noise of (row key, position)."""
+  t = rows.temperature[:, None, None]
+  scaled = top_p_filter(logits / jnp.where(t > 0, t, 1.0), rows.top_p[:, None, None])
+
+  def row_noise(key, pos):  # [n] -> [n, vocab]
+    return jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), logits.shape[-1:]))(pos)
+
+  noise = jax.vmap(row_noise)(rows.key, positions.astype(jnp.uint32))
+  return jnp.where(t > 0, scaled + noise, logits)

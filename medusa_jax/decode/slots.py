@@ -1,0 +1,149 @@
+"""Continuous batching on the device: a fixed number of slots, each one row of a shared KV cache,
+that requests enter and leave while the others keep decoding.
+
+`insert` prefills one prompt and writes it into a free slot; `run_chunk` runs a fixed number of
+decode steps (a Medusa tree, or plain) for the first `bucket` slots at once and returns what each
+emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so a new
+temperature or seed never recompiles), and a row's tokens depend on its prompt, settings and seed
+alone: not on the other rows, the bucket or the tree (`coupled.py`). The host keeps the live rows
+in the first slots (`move_row` fills a hole), so a chunk's cost follows the number of live rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medusa_jax.decode.acceptance import accept
+from medusa_jax.decode.coupled import RowSettings, target_logits
+from medusa_jax.decode.medusa import heads_top, keep_path, tree_forward
+from medusa_jax.decode.plain import Emitted, prefill
+from medusa_jax.medusa.tree import Tree
+from medusa_jax.model.config import ModelConfig
+from medusa_jax.model.kv_cache import KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  cache: KVCache           # `[slots, max_len]` rows
+  root: jax.Array          # `[slots]` int32: each row's last emitted token
+  hidden: jax.Array        # `[slots, embed]`: the hidden state at its last accepted position
+  rows: RowSettings        # per-row sampling settings
+  budget: jax.Array        # `[slots]` int32: tokens the row may still emit
+  stop_on_eos: jax.Array   # `[slots]` bool: false for `ignore_eos` requests
+  done: jax.Array          # `[slots]` bool: finished, or a free slot
+
+  @classmethod
+  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype) -> "Slots":
+    def zeros(dtype=jnp.int32):  # a buffer each: the chunk donates them all
+      return jnp.zeros((slots,), dtype)
+
+    return cls(KVCache.init(config, slots, max_len, dtype), zeros(),
+               jnp.zeros((slots, config.hidden_size), dtype),
+               RowSettings.create(zeros(jnp.float32), zeros(jnp.float32) + 1, zeros()), zeros(),
+               zeros(bool) | True, zeros(bool) | True)
+
+  @property
+  def num_slots(self) -> int:
+    return self.root.shape[0]
+
+
+def _first(tree, n: int):
+  return jax.tree.map(lambda x: x[:n], tree)
+
+
+def _put_first(full, part):
+  return jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(f, p.astype(f.dtype), 0, 0), full, part)
+
+
+def _set_row(full, row, i):
+  return jax.tree.map(lambda f, r: jax.lax.dynamic_update_index_in_dim(f, r.astype(f.dtype), i, 0), full, row)
+
+
+def _row(tree, i):
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
+def insert(state: nnx.State, slots: Slots, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
+           temperature: jax.Array, top_p: jax.Array, seed: jax.Array, budget: jax.Array,
+           stop_on_eos: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef):
+  """Prefills one right-padded prompt `tokens` `[1, P]` of `prompt_len` tokens into slot `slot`,
+  with its settings (scalars) and a budget of `budget` new tokens. Returns (slots, the first new
+  token, whether the row is already done)."""
+  model = nnx.merge(graphdef, state)
+  cache = KVCache.init(model.config, 1, slots.cache.max_len, slots.cache.keys[0].dtype)
+  logits, hidden, cache = prefill(model, tokens, prompt_len[None], cache)
+  rows = RowSettings.create(temperature[None], top_p[None], seed[None])
+  first = jnp.argmax(target_logits(logits[:, None], prompt_len[None, None], rows), axis=-1)[0, 0]
+  first = first.astype(jnp.int32)
+  done = (jnp.isin(first, eos_ids) & stop_on_eos) | (budget <= 1)
+  row = Slots(_row(cache, 0), first, hidden[0], _row(rows, 0), budget - 1, stop_on_eos, done)
+  return _set_row(slots, row, slot), first, done
+
+
+def _plain_step(model, cache: KVCache, root, rows: RowSettings):
+  hidden, cache = model.hidden_states(root[:, None], cache.lengths[:, None], cache)
+  target = target_logits(model.logits(hidden), cache.lengths[:, None] + 1, rows)
+  nxt = jnp.argmax(target, axis=-1)[:, 0].astype(jnp.int32)
+  ones = jnp.ones_like(nxt)
+  return nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0]
+
+
+def _tree_step(model, heads, cache: KVCache, root, hidden, rows: RowSettings, tree: Tree, draft):
+  top = heads_top(model, heads, hidden, tree, draft)
+  tokens, positions, logits, node_hidden, cache = tree_forward(model, cache, root, top, tree)
+  target = target_logits(logits, positions + 1, rows)
+  path, accepted, last, bonus = accept(tokens, target, tree, None, jax.random.PRNGKey(0))
+  emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
+  return emitted, n, cache, bonus, last_hidden
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps"),
+                   donate_argnums=(2,))
+def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
+              graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
+              steps: int):
+  """`steps` decode steps (over `tree`, or plain when None) for the first `bucket` slots. Returns
+  (slots, emitted tokens `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
+  model = nnx.merge(graphdef, state)
+  heads = None if tree is None else nnx.merge(heads_graphdef, heads_state)
+  live = _first(slots, bucket)
+  width = steps * (1 if tree is None else tree.depth + 1)
+  emitted = Emitted(jnp.zeros((bucket, width + (1 if tree is None else tree.depth + 1)), jnp.int32),
+                    jnp.zeros((bucket,), jnp.int32), live.done)
+
+  def body(_, carry):
+    s, out = carry
+    if tree is None:
+      new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
+    else:
+      new, n, cache, root, hidden = _tree_step(model, heads, s.cache, s.root, s.hidden, s.rows, tree, draft)
+    done = out.done
+    cache = KVCache(cache.keys, cache.values, jnp.where(done, s.cache.lengths, cache.lengths))
+    keep = done[:, None]
+    s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, root),
+                            hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)))
+    return s, out.record(new, n, eos_ids, s.budget, s.stop_on_eos)
+
+  live, out = jax.lax.fori_loop(0, steps, body, (live, emitted))
+  live = dataclasses.replace(live, budget=live.budget - out.count, done=out.done)
+  return _put_first(slots, live), out.tokens[:, :width], out.count
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def move_row(slots: Slots, src: jax.Array, dst: jax.Array) -> Slots:
+  """Slot `src` copied into slot `dst`, and `src` marked free."""
+  slots = _set_row(slots, _row(slots, src), dst)
+  return dataclasses.replace(slots, done=slots.done.at[src].set(True))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def free_row(slots: Slots, i: jax.Array) -> Slots:
+  """Slot `i` marked done (a finished or cancelled request)."""
+  return dataclasses.replace(slots, done=slots.done.at[i].set(True))

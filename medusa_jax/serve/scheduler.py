@@ -1,0 +1,297 @@
+"""The host side of continuous batching: a queue of requests, a thread that admits them into free
+slots (`decode/slots.py`), runs chunks of decode steps for all live rows, streams what each row
+produced, and retires finished rows.
+
+Adaptive speculation: each chunk runs the Medusa tree or plain decoding, whichever is predicted to
+emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
+is measured here at start-up, and the tokens per step of the tree are the ones observed while
+serving (a running average, refreshed by an occasional tree chunk when plain decoding is chosen).
+Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.decode import slots as device
+from medusa_jax.decode.engine import Engine, bucket
+from medusa_jax.errors import MedusaError
+from medusa_jax.serve.metrics import Metrics
+
+
+class QueueFull(MedusaError):
+  """The server is at its queue limit; try again later."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation, filled in by the scheduler thread. `on_event(text_delta, finished)` is called
+  from that thread whenever new text is final (and once with `finished=True`)."""
+
+  prompt_ids: list[int]
+  max_tokens: int
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  ignore_eos: bool = False
+  on_event: Callable[[str, bool], None] | None = None
+  token_ids: list[int] = dataclasses.field(default_factory=list)
+  text: str = ""                 # the final text so far (cut at a stop string)
+  sent: int = 0                  # characters of `text` already streamed
+  finish_reason: str | None = None
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  arrived: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token_at: float | None = None
+  token_times: list[float] = dataclasses.field(default_factory=list)
+
+  def cancel(self) -> None:
+    self.cancelled.set()
+
+
+class Scheduler:
+  """Serves `engine` (its backbone, heads and tree) with `max_batch` slots of `max_context` tokens."""
+
+  def __init__(self, engine: Engine, *, max_batch: int = 8, max_context: int = 2048, chunk_steps: int = 4,
+               max_queue: int = 256, metrics: Metrics | None = None):
+    if max_batch < 1 or chunk_steps < 1:
+      raise MedusaError("max_batch and chunk_steps must be at least 1")
+    self.engine = engine
+    self.tree = engine.tree if engine.heads_graphdef is not None else None
+    self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
+    self.slack = 1 if self.tree is None else self.tree.size
+    self.max_len = -(-(max_context + self.slack) // 64) * 64
+    self.max_context = max_context
+    self.buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
+    self.step_seconds: dict[tuple[int, bool], float] = {}   # (bucket, tree?) -> seconds per step
+    self.tree_tokens_per_step = 1.0 if self.tree is None else (self.tree.depth + 2) / 2  # prior
+    self.metrics = metrics or Metrics()
+    self._queue: queue.Queue[Request] = queue.Queue()
+    self._live: list[Request | None] = [None] * max_batch
+    self._wake = threading.Event()
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._slots = None
+    self._chunks_since_tree = 0
+    self.ready = False
+
+  # ---- start-up ---------------------------------------------------------------------------------
+
+  def _chunk(self, slots, use_tree: bool, b: int):
+    e = self.engine
+    return device.run_chunk(e.state, e.heads_state if use_tree else None, slots, e.draft, e.eos_ids,
+                            graphdef=e.graphdef, heads_graphdef=e.heads_graphdef if use_tree else None,
+                            tree=self.tree if use_tree else None, bucket=b, steps=self.chunk_steps)
+
+  def warm_up(self) -> None:
+    """Compiles every (bucket, tree or plain) chunk and the prompt buckets' prefill, and times a
+    chunk of each with every row live at a quarter of the context."""
+    e = self.engine
+    slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype)
+    prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
+    for p in [32 << i for i in range(16) if (32 << i) <= bucket(self.max_context)]:
+      slots = self._insert(slots, 0, prompt[:p], p, budget=self.max_len)[0]
+    for i in range(self.max_batch):
+      slots = self._insert(slots, i, prompt, bucket(len(prompt)), budget=self.max_len)[0]
+    for b in self.buckets:
+      for use_tree in ([False, True] if self.tree is not None else [False]):
+        slots, _, _ = self._chunk(slots, use_tree, b)  # compile
+        jax.block_until_ready(slots)
+        best = float("inf")
+        for _ in range(2):
+          start = time.perf_counter()
+          slots, tokens, _ = self._chunk(slots, use_tree, b)
+          jax.block_until_ready(tokens)
+          best = min(best, time.perf_counter() - start)
+        self.step_seconds[(b, use_tree)] = best / self.chunk_steps
+    self._slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype)
+    self.ready = True
+
+  def _insert(self, slots, slot: int, ids: list[int], length: int, *, budget: int, temperature=0.0,
+              top_p=1.0, seed=0, stop_on_eos=True):
+    e = self.engine
+    tokens = np.full((1, length), e.pad_id, np.int32)
+    tokens[0, : len(ids)] = ids
+    return device.insert(e.state, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
+                         jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(seed % (1 << 32)),
+                         jnp.int32(budget), jnp.bool_(stop_on_eos), e.eos_ids, graphdef=e.graphdef)
+
+  def start(self) -> None:
+    if not self.ready:
+      self.warm_up()
+    self._thread = threading.Thread(target=self._loop, name="medusa-scheduler", daemon=True)
+    self._thread.start()
+
+  # ---- requests ---------------------------------------------------------------------------------
+
+  def check(self, prompt_ids: list[int], max_tokens: int) -> None:
+    """A one-line error for a request that cannot be served."""
+    if not prompt_ids:
+      raise MedusaError("the prompt is empty")
+    if max_tokens < 1:
+      raise MedusaError(f"max_tokens must be at least 1, got {max_tokens}")
+    if len(prompt_ids) + max_tokens > self.max_context:
+      raise MedusaError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                        f"the context of {self.max_context} tokens")
+
+  def submit(self, request: Request) -> None:
+    self.check(request.prompt_ids, request.max_tokens)
+    if self._stop.is_set():
+      raise QueueFull("the server is shutting down")
+    if self._queue.qsize() >= self.max_queue:
+      raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+    self._queue.put(request)
+    self._wake.set()
+
+  def shutdown(self, timeout: float = 30.0) -> None:
+    """Stops admitting; lets live requests finish for up to `timeout` seconds, then cancels them
+    (and every queued one)."""
+    self._stop.set()
+    self._wake.set()
+    deadline = time.perf_counter() + timeout
+    while self._thread is not None and self._thread.is_alive() and any(self._live) \
+        and time.perf_counter() < deadline:
+      time.sleep(0.05)
+    for r in self._live:
+      if r is not None:
+        r.cancel()
+    self._wake.set()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+    while not self._queue.empty():
+      self._finish(self._queue.get_nowait(), "cancelled")
+
+  # ---- the loop ---------------------------------------------------------------------------------
+
+  def _loop(self) -> None:
+    while True:
+      self._retire_cancelled()
+      if not self._stop.is_set():
+        self._admit()
+      live = sum(r is not None for r in self._live)
+      self.metrics.active_rows.set(live)
+      self.metrics.queue_depth.set(self._queue.qsize())
+      if not live:
+        if self._stop.is_set():
+          return
+        self._wake.wait(0.05)
+        self._wake.clear()
+        continue
+      b = next(b for b in self.buckets if b >= live)
+      use_tree = self._choose(b)
+      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b)
+      tokens, counts, done = jax.device_get((tokens, counts, self._slots.done[:b]))
+      now = time.perf_counter()
+      self.metrics.chunks.labels("tree" if use_tree else "plain").inc()
+      self._chunks_since_tree = 0 if use_tree else self._chunks_since_tree + 1
+      if use_tree:
+        self._observe_tree(counts)
+      for i in range(b):
+        r = self._live[i]
+        if r is not None:
+          self._deliver(r, [int(t) for t in tokens[i, : counts[i]]], now)
+          if r.finish_reason is None and done[i]:
+            self._finish(r, "length" if len(r.token_ids) >= r.max_tokens else "stop")
+      for i in range(b - 1, -1, -1):  # highest first: `_free` moves the last live row down
+        if self._live[i] is not None and self._live[i].finish_reason is not None:
+          self._free(i)
+
+  def _observe_tree(self, counts: np.ndarray) -> None:
+    """Updates the tokens per tree step from a tree chunk (rows that were live and ran)."""
+    ran = [int(c) for i, c in enumerate(counts) if self._live[i] is not None and c > 0]
+    if ran:
+      rate = sum(ran) / (len(ran) * self.chunk_steps)
+      self.tree_tokens_per_step = 0.8 * self.tree_tokens_per_step + 0.2 * rate
+      self.metrics.accepted_tokens_per_step.set(self.tree_tokens_per_step)
+
+  def _choose(self, b: int) -> bool:
+    """Whether this chunk runs the tree: the predicted tokens/s of each, with a tree chunk every
+    32 chunks to keep the tokens-per-step estimate fresh."""
+    if self.tree is None:
+      return False
+    tree_rate = self.tree_tokens_per_step / self.step_seconds[(b, True)]
+    plain_rate = 1.0 / self.step_seconds[(b, False)]
+    return tree_rate >= plain_rate or self._chunks_since_tree >= 32
+
+  def _admit(self) -> None:
+    while not self._queue.empty():
+      free = next((i for i, r in enumerate(self._live) if r is None), None)
+      if free is None:
+        return
+      r = self._queue.get_nowait()
+      if r.cancelled.is_set():
+        self._finish(r, "cancelled")
+        continue
+      self._slots, first, done = self._insert(
+          self._slots, free, r.prompt_ids, bucket(len(r.prompt_ids)), budget=r.max_tokens,
+          temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop_on_eos=not r.ignore_eos)
+      self._live[free] = r
+      first, done = jax.device_get((first, done))
+      self._deliver(r, [int(first)], time.perf_counter())
+      if r.finish_reason is None and done:
+        self._finish(r, "length" if len(r.token_ids) >= r.max_tokens else "stop")
+      if r.finish_reason is not None:
+        self._free(free)
+
+  def _deliver(self, r: Request, new: list[int], now: float) -> None:
+    """Appends new tokens, streams the text that is final (held back: an unfinished character, or
+    what could still become a stop string) and finishes at a stop string."""
+    if not new or r.finish_reason is not None:
+      return
+    if r.first_token_at is None:
+      r.first_token_at = now
+      self.metrics.ttft.observe(now - r.arrived)
+    else:
+      for _ in new:
+        self.metrics.itl.observe((now - r.token_times[-1]) / len(new))
+    r.token_times.append(now)
+    r.token_ids.extend(new)
+    self.metrics.completion_tokens.inc(len(new))
+    text = self.engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in r.stop) if i >= 0), default=-1)
+    if cut >= 0:
+      r.text = text[:cut]
+      self._finish(r, "stop")
+      return
+    r.text = text
+    hold = max((len(s) - 1 for s in r.stop), default=0)
+    final = len(text) - hold
+    while final > r.sent and text[final - 1] == "\ufffd":
+      final -= 1
+    if final > r.sent and r.on_event is not None:
+      r.on_event(text[r.sent: final], False)
+    r.sent = max(r.sent, final)
+
+  def _finish(self, r: Request, reason: str) -> None:
+    if r.finish_reason is not None:
+      return
+    r.finish_reason = reason
+    if r.on_event is not None:
+      r.on_event(r.text[r.sent:], True)
+    r.sent = len(r.text)
+
+  def _free(self, i: int) -> None:
+    """Frees slot i, moving the last live row into it so live rows stay in the first slots."""
+    self._live[i] = None
+    last = max((j for j, r in enumerate(self._live) if r is not None), default=-1)
+    if last > i:
+      self._slots = device.move_row(self._slots, jnp.int32(last), jnp.int32(i))
+      self._live[i], self._live[last] = self._live[last], None
+    else:
+      self._slots = device.free_row(self._slots, jnp.int32(i))
+
+  def _retire_cancelled(self) -> None:
+    for i in range(len(self._live) - 1, -1, -1):
+      r = self._live[i]
+      if r is not None and r.cancelled.is_set():
+        self._finish(r, "cancelled")
+        self._free(i)

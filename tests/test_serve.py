@@ -1,0 +1,266 @@
+"""The OpenAI-compatible server, as a live process on 127.0.0.1 driven by the official `openai`
+client: streamed and whole answers agree, concurrent greedy requests equal `Engine.generate` alone,
+seeded sampling reproduces, stop strings, disconnects free their slot, bad input gets OpenAI-style
+errors while the server keeps serving, /metrics parses, SIGTERM finishes in-flight requests."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "random:tiny"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(tmp_path, *flags: str):
+  port = _free_port()
+  log = open(tmp_path / f"server-{port}.log", "w")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer", "serve.py"), "--port", str(port), *flags],
+                          stdout=log, stderr=subprocess.STDOUT)
+  base = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()[-3000:]
+    try:
+      health = httpx.get(f"{base}/health", timeout=2)
+    except httpx.HTTPError:
+      health = None
+    if health is not None and health.status_code == 200:
+      return proc, base
+    if health is not None and health.status_code == 500:
+      proc.kill()
+      raise AssertionError(health.text)
+    time.sleep(0.5)
+  proc.kill()
+  raise AssertionError("the server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory):
+  from test_medusa import random_heads
+
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.medusa.heads import HeadsConfig
+  from medusa_jax.model.config import preset
+  from medusa_jax.weights.specs import random_model
+
+  out = tmp_path_factory.mktemp("serve") / "heads"
+  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
+  medusa_format.write(str(out), random_heads(base, HeadsConfig(4, 1, True), scale=0.3), base,
+                      base_model=MODEL, lm_head_copies=False)
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, heads_dir):
+  proc, base = _start(tmp_path_factory.mktemp("log"), "--model", MODEL, "--heads", heads_dir,
+                      "--max-batch", "4", "--max-context", "256", "--tree", "mc_sim_7b_63")
+  yield base
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  import openai
+
+  return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(heads_dir):
+  import medusa_jax
+
+  return medusa_jax.load(MODEL, heads=heads_dir, tree="mc_sim_7b_63")
+
+
+def _chat(client, content, **kw):
+  return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_health(server, client):
+  assert [m.id for m in client.models.list().data] == [MODEL]
+  assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_streamed_text_equals_the_whole_answer(client, chat):
+  kw = dict(model=MODEL, max_tokens=40, temperature=0.8, seed=7)
+  if chat:
+    whole = client.chat.completions.create(messages=[{"role": "user", "content": "hello there"}], **kw)
+    parts = list(client.chat.completions.create(messages=[{"role": "user", "content": "hello there"}],
+                                                stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+    text = whole.choices[0].message.content
+  else:
+    whole = client.completions.create(prompt="once upon a time", **kw)
+    parts = list(client.completions.create(prompt="once upon a time", stream=True,
+                                           stream_options={"include_usage": True}, **kw))
+    streamed = "".join(p.choices[0].text for p in parts if p.choices)
+    text = whole.choices[0].text
+  assert streamed == text and whole.usage.completion_tokens > 0
+  assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+  assert parts[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+  finish = [p.choices[0].finish_reason for p in parts if p.choices and p.choices[0].finish_reason]
+  assert finish == [whole.choices[0].finish_reason] and finish[0] in ("stop", "length")
+
+
+def test_concurrent_requests_greedy_equal_the_engine_alone_and_seeds_reproduce(client, engine):
+  """8 requests of different lengths and settings at once (more than the 4 slots): each greedy one
+  is what `Engine.generate` gives it alone; each sampled one is the same when sent again."""
+  prompts = [f"question number {i}: " + "x" * (7 * i) for i in range(8)]
+  settings = [dict(max_tokens=10 + 6 * i, temperature=0.0 if i % 2 == 0 else 0.9, top_p=1.0 if i % 4 < 2 else 0.8,
+                   seed=i) for i in range(8)]
+
+  def run():
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      futures = [pool.submit(_chat, client, p, **s) for p, s in zip(prompts, settings)]
+      return [f.result().choices[0].message.content for f in futures]
+
+  first, second = run(), run()
+  assert first == second
+  for p, s, text in zip(prompts, settings, first):
+    if s["temperature"] == 0:
+      alone = engine.generate(p, max_new_tokens=s["max_tokens"], mode="baseline")
+      assert text == alone.text
+
+
+def test_stop_strings_cut_the_answer(client):
+  full = _chat(client, "tell me something", max_tokens=40, temperature=0).choices[0].message.content
+  stop = full[10:13]
+  assert len(full) > 13 and stop.strip()
+  cut = _chat(client, "tell me something", max_tokens=40, temperature=0, stop=[stop]).choices[0]
+  assert cut.finish_reason == "stop" and cut.message.content == full[: full.find(stop)]
+
+
+def _metric(server, name) -> float:
+  """The summed value of the samples called `name` (e.g. a counter's `..._total`)."""
+  from prometheus_client.parser import text_string_to_metric_families
+
+  text = httpx.get(f"{server}/metrics").text
+  return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_metrics_parse_and_count(server, client):
+  _chat(client, "count me", max_tokens=8, temperature=0)
+  from prometheus_client.parser import text_string_to_metric_families
+
+  names = {f.name for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+  assert {"medusa_requests", "medusa_completion_tokens", "medusa_active_rows", "medusa_queue_depth",
+          "medusa_time_to_first_token_seconds", "medusa_inter_token_latency_seconds",
+          "medusa_accepted_tokens_per_step"} <= names
+  assert _metric(server, "medusa_completion_tokens_total") >= 8
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client):
+  body = {"model": MODEL, "messages": [{"role": "user", "content": "a long one"}], "max_tokens": 200,
+          "temperature": 0, "stream": True, "ignore_eos": True}
+  with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+    assert next(r.iter_lines()).startswith("data: ")
+  deadline = time.time() + 30
+  while _metric(server, "medusa_active_rows") > 0 and time.time() < deadline:
+    time.sleep(0.2)
+  assert _metric(server, "medusa_active_rows") == 0
+  assert _chat(client, "still there?", max_tokens=4, temperature=0).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ("{not json", 400, None, "not valid JSON"),
+    ([1, 2], 400, None, "JSON object"),
+    ({"model": MODEL}, 400, "messages", "'messages' must be a non-empty list"),
+    ({"model": MODEL, "messages": "hi"}, 400, "messages", "'messages' must be"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages", "string content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens",
+     "positive integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, 400,
+     "max_tokens", "positive integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "temperature", "a number in [0, 2]"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 400}]}, 400, "messages", "context"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}, 400,
+     "max_tokens", "exceeds"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "does not exist"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, status, param,
+                                                                     fragment):
+  content = body if isinstance(body, str) else json.dumps(body)
+  r = httpx.post(f"{server}/v1/chat/completions", content=content,
+                 headers={"content-type": "application/json"}, timeout=30)
+  assert r.status_code == status, r.text
+  error = r.json()["error"]
+  assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+  assert error["param"] == param
+  assert _chat(client, "fine?", max_tokens=3, temperature=0).choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_route_is_a_json_404(server):
+  r = httpx.get(f"{server}/v1/nothing")
+  assert r.status_code == 404 and "error" in r.json()
+
+
+def test_full_queue_answers_429_and_sigterm_finishes_in_flight(tmp_path, heads_dir):
+  """One slot and a queue of one: a third concurrent request gets 429. SIGTERM while a request
+  streams: it still completes, and the process exits without a traceback."""
+  proc, base = _start(tmp_path, "--model", MODEL, "--heads", heads_dir, "--max-batch", "1",
+                      "--max-queue", "1", "--max-context", "256", "--chunk-steps", "1")
+  body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 150,
+          "temperature": 0, "ignore_eos": True}
+  try:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      futures = [pool.submit(httpx.post, f"{base}/v1/chat/completions", json=body, timeout=120)
+                 for _ in range(3)]
+      codes = sorted(f.result().status_code for f in futures)
+    assert codes[0] == 200 and 429 in codes, codes
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+      lines = r.iter_lines()
+      assert next(lines).startswith("data: ")
+      proc.send_signal(signal.SIGTERM)
+      rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+    assert finish[-1] == "length"
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once drained
+    assert "Traceback" not in "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+@pytest.mark.slow
+def test_embedded_model_with_shipped_heads(tmp_path):
+  """The embedded model and its shipped heads: greedy answers equal `Engine.generate` alone,
+  streamed or not, for two requests at once."""
+  import openai
+
+  import medusa_jax
+
+  proc, base = _start(tmp_path, "--max-batch", "2", "--max-context", "512")
+  try:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    engine = medusa_jax.load()
+    questions = ["What is the capital of France?", "Write a haiku about rain."]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      answers = list(pool.map(lambda q: client.chat.completions.create(
+          model=medusa_jax.EMBEDDED_MODEL, messages=[{"role": "user", "content": q}], max_tokens=48,
+          temperature=0).choices[0].message.content, questions))
+    for q, a in zip(questions, answers):
+      assert a == engine.generate(q, max_new_tokens=48).text
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
