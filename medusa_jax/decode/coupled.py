@@ -40,10 +40,13 @@ def target_logits(logits: jax.Array, positions: jax.Array, rows: RowSettings) ->
   argmax is the row's token there: the logits themselves for greedy rows, else the sampling logits
   plus the Gumbel noise of (row key, position)."""
   t = rows.temperature[:, None, None]
-  scaled = top_p_filter(logits / jnp.where(t > 0, t, 1.0), rows.top_p[:, None, None])
 
   def row_noise(key, pos):  # [n] -> [n, vocab]
     return jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), logits.shape[-1:]))(pos)
 
-  noise = jax.vmap(row_noise)(rows.key, positions.astype(jnp.uint32))
-  return jnp.where(t > 0, scaled + noise, logits)
+  def sampled(x):
+    scaled = top_p_filter(x / jnp.where(t > 0, t, 1.0), rows.top_p[:, None, None])
+    noise = jax.vmap(row_noise)(rows.key, positions.astype(jnp.uint32))
+    return jnp.where(t > 0, scaled + noise, x)
+
+  return jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda x: x, logits)  # all greedy: as is

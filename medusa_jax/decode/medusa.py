@@ -118,7 +118,7 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
     key, sub = jax.random.split(c.key)
     new, n, cache, root, hidden = medusa_step(model, heads, c.cache, c.root, c.hidden, tree, sub, rule, draft)
     done = c.emitted.done
-    cache = KVCache(cache.keys, cache.values, jnp.where(done, c.cache.lengths, cache.lengths))
+    cache = dataclasses.replace(cache, lengths=jnp.where(done, c.cache.lengths, cache.lengths))
     return _Carry(cache, root, hidden, c.emitted.record(new, n, eos_ids, max_new_tokens),
                   c.steps + (~done).astype(jnp.int32), key)
 

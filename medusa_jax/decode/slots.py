@@ -69,6 +69,20 @@ def _row(tree, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
 
 
+def _bucket_view(slots: Slots, bucket: int, span: int | None) -> Slots:
+  """The first `bucket` rows: per-row arrays cut to them, the cache buffers left whole (a forward
+  writes and reads only their first rows, in place) with the attention `span`."""
+  rows = _first(dataclasses.replace(slots, cache=slots.cache.lengths), bucket)
+  return dataclasses.replace(rows, cache=KVCache(slots.cache.keys, slots.cache.values, rows.cache, span))
+
+
+def _merge_view(slots: Slots, view: Slots) -> Slots:
+  """`slots` with a `_bucket_view`'s rows (and its cache buffers) written back."""
+  rows = _put_first(dataclasses.replace(slots, cache=slots.cache.lengths),
+                    dataclasses.replace(view, cache=view.cache.lengths))
+  return dataclasses.replace(rows, cache=KVCache(view.cache.keys, view.cache.values, rows.cache))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
 def insert(state: nnx.State, slots: Slots, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
            temperature: jax.Array, top_p: jax.Array, seed: jax.Array, budget: jax.Array,
@@ -104,16 +118,18 @@ def _tree_step(model, heads, cache: KVCache, root, hidden, rows: RowSettings, tr
   return emitted, n, cache, bonus, last_hidden
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps"),
-                   donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
+                                             "span"), donate_argnums=(2,))
 def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
               graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
-              steps: int):
-  """`steps` decode steps (over `tree`, or plain when None) for the first `bucket` slots. Returns
-  (slots, emitted tokens `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
+              steps: int, span: int | None = None):
+  """`steps` decode steps (over `tree`, or plain when None) for the first `bucket` slots, attending
+  to their first `span` positions (None: all; it must hold every row's length plus what the chunk
+  writes: `steps * (depth + 1) + tree.size`). Returns (slots, emitted tokens
+  `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
   heads = None if tree is None else nnx.merge(heads_graphdef, heads_state)
-  live = _first(slots, bucket)
+  live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)
   emitted = Emitted(jnp.zeros((bucket, width + (1 if tree is None else tree.depth + 1)), jnp.int32),
                     jnp.zeros((bucket,), jnp.int32), live.done)
@@ -125,7 +141,7 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
     else:
       new, n, cache, root, hidden = _tree_step(model, heads, s.cache, s.root, s.hidden, s.rows, tree, draft)
     done = out.done
-    cache = KVCache(cache.keys, cache.values, jnp.where(done, s.cache.lengths, cache.lengths))
+    cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
     keep = done[:, None]
     s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, root),
                             hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)))
@@ -133,7 +149,7 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
 
   live, out = jax.lax.fori_loop(0, steps, body, (live, emitted))
   live = dataclasses.replace(live, budget=live.budget - out.count, done=out.done)
-  return _put_first(slots, live), out.tokens[:, :width], out.count
+  return _merge_view(slots, live), out.tokens[:, :width], out.count
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

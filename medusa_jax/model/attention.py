@@ -58,7 +58,8 @@ class Attention(nnx.Module):
     """x `[batch, T, embed]`, positions `[batch, T]`, mask `[batch, T, S]`.
 
     Without a cache (`write is None`) the chunk attends to itself (S = T). With one, `write(k, v)`
-    stores the chunk's K/V and returns the layer's full buffers `[batch, S, kv_heads, head_dim]`.
+    stores the chunk's K/V and returns the layer's full buffers `[rows, S, kv_heads, head_dim]`
+    (rows >= batch: the batch is their first rows).
     Returns (`[batch, T, embed]`, the layer's K/V buffers or None).
     """
     x = x.astype(self.dtype)
@@ -67,7 +68,10 @@ class Attention(nnx.Module):
     k = apply_rope(self._project(x, self.k, self.k_bias), positions, inv_freq)
     v = self._project(x, self.v, self.v_bias)
     kv = (k, v) if write is None else write(k, v)
-    out = dot_product_attention(q, kv[0], kv[1], mask)
+    # A cache may hold more rows than this batch (a server's slots) and more positions than the
+    # mask attends (its span): attend to the first rows and positions only.
+    b, span = q.shape[0], mask.shape[-1]
+    out = dot_product_attention(q, kv[0][:b, :span], kv[1][:b, :span], mask)
     # One [b, t, h*d] x [h*d, e] matmul: with an einsum over (h, d) XLA:CPU copies the weight
     # transposed on every call that no loop hoists it out of (e.g. a single jitted decode step).
     h, d, e = self.o.shape

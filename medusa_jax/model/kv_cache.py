@@ -19,9 +19,16 @@ from medusa_jax.model.rows import gather_rows, write_rows
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  keys: tuple[jax.Array, ...]    # per layer `[batch, max_len, kv_heads, head_dim]`
-  values: tuple[jax.Array, ...]  # per layer `[batch, max_len, kv_heads, head_dim]`
-  lengths: jax.Array             # `[batch]` int32
+  keys: tuple[jax.Array, ...]    # per layer `[rows, max_len, kv_heads, head_dim]`
+  values: tuple[jax.Array, ...]  # per layer `[rows, max_len, kv_heads, head_dim]`
+  lengths: jax.Array             # `[batch]` int32 (batch <= rows: a forward uses the first rows)
+  span: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  # positions a forward attends to (None: all of max_len); every entry a forward writes or reads
+  # must lie below it, so a server with long rows pays attention only for the lengths in use
+
+  @property
+  def attended(self) -> int:
+    return self.span or self.max_len
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
@@ -54,11 +61,9 @@ class KVCache:
     def move(buf):
       return write_rows(buf, gather_rows(buf, src), self.lengths)
 
-    return KVCache(
-        keys=tuple(move(k) for k in self.keys),
-        values=tuple(move(v) for v in self.values),
-        lengths=self.lengths + n.astype(jnp.int32),
-    )
+    return dataclasses.replace(self, keys=tuple(move(k) for k in self.keys),
+                               values=tuple(move(v) for v in self.values),
+                               lengths=self.lengths + n.astype(jnp.int32))
 
 
 def attention_mask(lengths: jax.Array, chunk_mask: jax.Array, max_len: int) -> jax.Array:

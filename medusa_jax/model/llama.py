@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,13 +70,13 @@ class Llama(nnx.Module):
         x, _ = block(x, positions, mask)
       return self.norm(x), None
 
-    mask = attention_mask(cache.lengths, chunk_mask, cache.max_len)
+    mask = attention_mask(cache.lengths, chunk_mask, cache.attended)
     keys, values = [], []
     for i, block in enumerate(self.layers):
       x, (k, v) = block(x, positions, mask, write=lambda k, v, i=i: cache.write(i, k, v))
       keys.append(k)
       values.append(v)
-    return self.norm(x), KVCache(tuple(keys), tuple(values), cache.lengths)
+    return self.norm(x), dataclasses.replace(cache, keys=tuple(keys), values=tuple(values))
 
   def lm_head_kernel(self) -> jax.Array:
     """The output projection `[embed, vocab]`: the tied embedding table transposed, or the lm_head."""

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """Writes `new` `[batch, n, ...]` into `buf` `[batch, size, ...]` at row offsets `start` `[batch]`.
+  """Writes `new` `[batch, n, ...]` into the first `batch` rows of `buf` `[rows, size, ...]` at
+  offsets `start` `[batch]`.
 
   One scatter (in place inside a loop); positions past `size` are dropped.
   """
@@ -18,6 +19,7 @@ def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def gather_rows(buf: jax.Array, index: jax.Array) -> jax.Array:
-  """`buf` `[batch, size, ...]`, `index` `[batch, n]` -> `[batch, n, ...]` (per-row take)."""
-  return jnp.take_along_axis(buf, index.reshape(index.shape + (1,) * (buf.ndim - 2)), axis=1,
-                             mode="clip")
+  """`buf` `[rows, size, ...]`, `index` `[batch, n]` -> `[batch, n, ...]`: per-row take from the
+  first `batch` rows (indices clipped to the buffer)."""
+  rows = jnp.arange(index.shape[0])[:, None]
+  return buf[rows, jnp.clip(index, 0, buf.shape[1] - 1)]

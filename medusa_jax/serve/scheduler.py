@@ -71,6 +71,8 @@ class Scheduler:
     self.max_len = -(-(max_context + self.slack) // 64) * 64
     self.max_context = max_context
     self.buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
+    # attention spans (compiled once each): powers of 4 from 256, and the whole cache
+    self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if s < self.max_len} | {self.max_len})
     self.step_seconds: dict[tuple[int, bool], float] = {}   # (bucket, tree?) -> seconds per step
     self.tree_tokens_per_step = 1.0 if self.tree is None else (self.tree.depth + 2) / 2  # prior
     self.metrics = metrics or Metrics()
@@ -85,15 +87,23 @@ class Scheduler:
 
   # ---- start-up ---------------------------------------------------------------------------------
 
-  def _chunk(self, slots, use_tree: bool, b: int):
+  def _chunk(self, slots, use_tree: bool, b: int, span: int | None = None):
     e = self.engine
     return device.run_chunk(e.state, e.heads_state if use_tree else None, slots, e.draft, e.eos_ids,
                             graphdef=e.graphdef, heads_graphdef=e.heads_graphdef if use_tree else None,
-                            tree=self.tree if use_tree else None, bucket=b, steps=self.chunk_steps)
+                            tree=self.tree if use_tree else None, bucket=b, steps=self.chunk_steps,
+                            span=span)
+
+  def _span(self, b: int) -> int:
+    """The positions the next chunk attends to: the smallest of `spans` that holds the longest
+    live row plus what a chunk writes."""
+    longest = max(len(r.prompt_ids) + len(r.token_ids) for r in self._live[:b] if r is not None)
+    need = longest + self.chunk_steps * (1 if self.tree is None else self.tree.depth + 1) + self.slack
+    return next(s for s in self.spans if s >= need)
 
   def warm_up(self) -> None:
-    """Compiles every (bucket, tree or plain) chunk and the prompt buckets' prefill, and times a
-    chunk of each with every row live at a quarter of the context."""
+    """Compiles every (row bucket, tree or plain, span) chunk and the prompt buckets' prefill, and
+    times a chunk of each (bucket, tree or plain) with every row live at a quarter of the context."""
     e = self.engine
     slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype)
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
@@ -103,12 +113,13 @@ class Scheduler:
       slots = self._insert(slots, i, prompt, bucket(len(prompt)), budget=self.max_len)[0]
     for b in self.buckets:
       for use_tree in ([False, True] if self.tree is not None else [False]):
-        slots, _, _ = self._chunk(slots, use_tree, b)  # compile
-        jax.block_until_ready(slots)
+        for span in self.spans:  # compile every span; time the whole cache's
+          slots, tokens, _ = self._chunk(slots, use_tree, b, span)
+          jax.block_until_ready(tokens)
         best = float("inf")
         for _ in range(2):
           start = time.perf_counter()
-          slots, tokens, _ = self._chunk(slots, use_tree, b)
+          slots, tokens, _ = self._chunk(slots, use_tree, b, self.max_len)
           jax.block_until_ready(tokens)
           best = min(best, time.perf_counter() - start)
         self.step_seconds[(b, use_tree)] = best / self.chunk_steps
@@ -188,7 +199,7 @@ class Scheduler:
         continue
       b = next(b for b in self.buckets if b >= live)
       use_tree = self._choose(b)
-      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b)
+      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, self._span(b))
       tokens, counts, done = jax.device_get((tokens, counts, self._slots.done[:b]))
       now = time.perf_counter()
       self.metrics.chunks.labels("tree" if use_tree else "plain").inc()
