@@ -94,19 +94,32 @@ def _ranks(state, heads_state, draft: DraftVocab | None, tokens: jax.Array, firs
   return jnp.stack(ranks)
 
 
+def greedy_answers(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128
+                   ) -> list[list[int]]:
+  """The base model's greedy answers (token lists, EOS included) to `prompts`, one at a time."""
+  out = []
+  for prompt in prompts:
+    answer = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
+    out.append([int(x) for x in answer.tokens[0, : int(answer.num_tokens[0])]])
+  return out
+
+
 def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-                  topk: int = 10) -> HeadAccuracy:
+                  topk: int = 10, answers: Sequence[Sequence[int]] | None = None) -> HeadAccuracy:
   """Accuracy of `engine`'s heads against its base model's greedy answers to `prompts` (token
-  lists), one prompt at a time, for ranks below `topk`."""
+  lists), one prompt at a time, for ranks below `topk`. `answers`: those answers when already
+  computed (`greedy_answers`; they depend on the base model alone, so several heads can share
+  them)."""
   engine.resolve_mode("medusa")
   num_heads = engine.heads_config.num_heads
   hits = np.zeros((num_heads, topk))
   total = np.zeros(num_heads)
   counts: collections.Counter = collections.Counter()
   answer_ranks = []
-  for prompt in prompts:
-    answer = engine.generate_ids([prompt], max_new_tokens=max_new_tokens, mode="baseline")
-    seq = list(prompt) + [int(x) for x in answer.tokens[0, : int(answer.num_tokens[0])]]
+  if answers is None:
+    answers = greedy_answers(engine, prompts, max_new_tokens)
+  for prompt, answer in zip(prompts, answers, strict=True):
+    seq = list(prompt) + list(answer)
     tokens, _ = pad_prompts([seq], bucket(len(seq)), engine.pad_id)  # one compile per bucket
     ranks = np.asarray(_ranks(engine.state, engine.heads_state, engine.draft, jnp.asarray(tokens),
                               jnp.asarray([len(prompt) - 1]), jnp.asarray([len(seq)]),
