@@ -20,7 +20,7 @@ import os
 from medusa_jax.atomic import write_text
 from medusa_jax.cli.common import main_guard, quiet_logs, require_positive
 from medusa_jax.errors import MedusaError
-from medusa_jax.training.data import load_conversations, split
+from medusa_jax.training.data import load_conversations, read_objects, split
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 
@@ -85,14 +85,7 @@ def _read_done(path):
   """The conversations an earlier run wrote to `path` (none if it does not exist yet)."""
   if not os.path.exists(path):
     return []
-  try:
-    with open(path, encoding="utf-8") as f:
-      done = json.load(f)
-  except (OSError, ValueError) as e:
-    raise MedusaError(f"cannot resume from {path}: {e}") from None
-  if not isinstance(done, list) or not all(isinstance(d, dict) and "id" in d for d in done):
-    raise MedusaError(f"cannot resume from {path}: not a list of conversations with ids, as this tool writes")
-  return done
+  return read_objects(path, "id", f"cannot resume from {path}")
 
 
 @main_guard

@@ -108,6 +108,19 @@ def _read_records(path: str) -> list:
     raise MedusaError(f"cannot read {path} with datasets: {e}") from None
 
 
+def read_objects(path: str, key: str, context: str) -> list[dict]:
+  """A JSON file holding a list of objects that each have `key`; a one-line error starting with
+  `context` otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      rows = json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedusaError(f"{context}: {e}") from None
+  if not isinstance(rows, list) or not all(isinstance(r, dict) and key in r for r in rows):
+    raise MedusaError(f"{context}: not a list of objects with {key!r}")
+  return rows
+
+
 def load_conversations(path: str) -> list[Conversation]:
   """All conversations of a file; the category defaults to the file's base name."""
   default = os.path.splitext(os.path.basename(path))[0]

@@ -15,14 +15,13 @@ of a held-out prompt is ever trained on.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
 
 from medusa_jax.errors import MedusaError
-from medusa_jax.training.data import split
+from medusa_jax.training.data import read_objects, split
 
 SOURCES = {
     "gsm8k": "gsm8k_train.json",
@@ -75,14 +74,7 @@ CATEGORIES = ("translation", "summarize", "extract", "rewrite", "passage_qa", "c
 
 def _read(folder: str, name: str) -> list[dict]:
   path = os.path.join(folder, SOURCES[name])
-  try:
-    with open(path, encoding="utf-8") as f:
-      rows = json.load(f)
-  except (OSError, ValueError) as e:
-    raise MedusaError(f"cannot read the prompt set {path}: {e}") from None
-  if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
-    raise MedusaError(f"{path} is not a list of instruction records")
-  return rows
+  return read_objects(path, "instruction", f"cannot read the prompt set {path}")
 
 
 def _prompt(row: dict) -> str:
