@@ -20,7 +20,7 @@ from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None,
          dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0,
-         draft_vocab: int = _DRAFT_VOCAB_SIZE) -> Engine:
+         draft_vocab: int = _DRAFT_VOCAB_SIZE, mesh=None) -> Engine:
   """Loads a model spec (see `medusa_jax.weights.specs`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
@@ -28,11 +28,14 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   name or list of paths (default: the tree shipped with the heads, else `mc_sim_7b_63` cut to the
   heads' depth). `draft_vocab`: the heads guess among the N most frequent answer tokens listed in
   the heads directory's `draft_vocab.json` (0, or no such file: the whole vocabulary; see
-  `medusa_jax.medusa.draft_vocab`).
+  `medusa_jax.medusa.draft_vocab`). `mesh`: run sharded over a `jax.sharding.Mesh` with axes
+  (data, fsdp, tensor) or one given as text, `"data=2,tensor=4"` (tensor-parallel weights and KV
+  cache, data-parallel rows; `Engine`).
   """
   from medusa_jax.formats.layout import read_heads
   from medusa_jax.medusa import draft_vocab as draft_file
   from medusa_jax.medusa.tree import default_tree
+  from medusa_jax.model.sharding import parse_mesh
   from medusa_jax.weights import specs
 
   loaded = specs.load(spec, dtype=dtype, seed=seed)
@@ -43,7 +46,8 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
     engine_tree = tree or default_tree(heads_path, medusa_heads.config.num_heads)
     ids = draft_file.read(heads_path, draft_vocab)
   return Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
-                name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids)
+                name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids,
+                mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh)
 
 
 __all__ = ["Engine", "Generation", "GenerationConfig", "GenerationResult", "MedusaError",

@@ -106,6 +106,19 @@ def test_vllm_token_map_proposes_what_our_drafting_vocabulary_does(tmp_path, sha
     full = torch.full((7, vocab), -torch.inf)
     full[:, token_map] = logits
     np.testing.assert_array_equal(full.argmax(-1).numpy(), ours[h])
+  m = load_file(str(tmp_path / "m" / "medusa_lm_head.safetensors"))
+  outside = np.ones(vocab, bool)
+  outside[ids] = False
+  for h in range(3):  # TGI's whole-vocabulary top-1 over the Medusa export: rows outside are zero
+    lm = m[f"{h}.1.weight"]
+    assert not lm[outside].any()
+    np.testing.assert_array_equal(lm[ids], to_tensors(heads, base)[f"{h}.1.weight"][ids])
+    x = torch.tensor(hidden)
+    x = x + torch.nn.functional.silu(x @ m[f"{h}.0.linear.weight"].T + m[f"{h}.0.linear.bias"])
+    logits = x @ lm.T
+    positive = logits[:, ids].max(-1).values > 0  # then a zero row cannot win
+    assert positive.sum() >= 3
+    np.testing.assert_array_equal(logits.argmax(-1).numpy()[positive.numpy()], ours[h][positive.numpy()])
   again = read_heads(str(tmp_path / "v"), base)  # our reader still takes the full lm_heads
   np.testing.assert_array_equal(again.lm_heads[0].kernel[...], to_tensors(heads, base)["0.1.weight"].T)
   with pytest.raises(MedusaError, match="outside"):

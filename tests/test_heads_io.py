@@ -21,7 +21,8 @@ def model():
   return random_model(preset("tiny"), seed=11)
 
 
-@pytest.mark.parametrize("config", [HeadsConfig(3, 2, False), HeadsConfig(2, 1, True)])
+@pytest.mark.parametrize("config", [HeadsConfig(3, 2, False), HeadsConfig(2, 1, True),
+                                    HeadsConfig(2, 1, True, "hydra")])
 def test_save_load_roundtrip_is_exact(tmp_path, model, config):
   heads = random_heads(model, config, seed=4)
   out = tmp_path / "heads"

@@ -39,6 +39,13 @@ def tiny():
   return Engine(model, ByteTokenizer(), heads=random_heads(model), max_cache_len=1024)
 
 
+@pytest.fixture(scope="module")
+def tiny_hydra():
+  model = random_model(preset("tiny"), seed=4)
+  heads = random_heads(model, HeadsConfig(4, 1, True, "hydra"), scale=0.5)
+  return Engine(model, ByteTokenizer(), heads=heads, max_cache_len=1024)
+
+
 def _prompts(seed, lengths):
   rng = np.random.default_rng(seed)
   return [list(rng.integers(3, 500, size=n)) for n in lengths]
@@ -55,6 +62,32 @@ def test_greedy_medusa_equals_greedy_baseline(tiny, tree, lengths):
   np.testing.assert_array_equal(med_n, base_n)
   np.testing.assert_array_equal(med, base)
   assert (steps <= med_n).all() and (steps >= 1).all()
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", ((0,), (1,), (0, 0), (0, 1), (1, 0))])
+def test_greedy_hydra_equals_greedy_baseline(tiny_hydra, tree):
+  tiny_hydra.set_tree(tree)
+  prompts = _prompts(4, [5, 17, 9, 30])
+  base, base_n, _, _ = tiny_hydra.generate_ids(prompts, max_new_tokens=48, mode="baseline")
+  med, med_n, _, _ = tiny_hydra.generate_ids(prompts, max_new_tokens=48, mode="medusa")
+  np.testing.assert_array_equal(med_n, base_n)
+  np.testing.assert_array_equal(med, base)
+
+
+def test_hydra_tree_children_are_the_teacher_forced_heads_top_k(tiny_hydra):
+  """Each node of a Hydra tree at depth d + 1 with rank r is rank r of head d run on the node's
+  path (root and ancestors' tokens, as training feeds it), computed path by path."""
+  model, heads = tiny_hydra.model, tiny_hydra.heads
+  tree = get_tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 1), (0, 0, 0), (0, 1, 2), (0, 0, 0, 0)))
+  h = jax.random.normal(jax.random.PRNGKey(1), (3, model.config.hidden_size))
+  root = jnp.asarray([5, 77, 300], jnp.int32)
+  tokens = np.asarray(heads.draft_tree(model, h, root, tree, None))
+  assert (tokens[:, 0] == root).all()
+  for n, p in enumerate(tree.paths, start=1):
+    parent = [0] + [tree.paths.index(p[:i]) + 1 for i in range(1, len(p))]
+    path = jnp.asarray(tokens[:, parent])  # [3, d]: the root, then the ancestors' tokens
+    logits = heads(h, model, len(p), path=path)[len(p) - 1]  # [3, vocab]
+    np.testing.assert_array_equal(tokens[:, n], np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, p[-1]])
 
 
 def _permutation_model(seed=0, vocab=64):
@@ -82,10 +115,22 @@ def _oracle_heads(model, sigma, num_heads):
   return heads
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.5])
-def test_oracle_heads_reach_depth_plus_one_tokens_per_step(temperature):
+def _oracle_hydra_heads(model, num_heads):
+  """Hydra heads whose top-1 guess is always right, sharing the base lm_head (sigma): head k's
+  features are the embedding of the token it reads (input kernel [0; 0; I]), so it predicts that
+  token's successor; only sequential drafting makes such heads right at every depth."""
+  heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, 1, True, "hydra"))
+  e = model.config.hidden_size
+  for linear in heads.inputs:
+    linear.kernel[...] = jnp.concatenate([jnp.zeros((2 * e, e)), jnp.eye(e)])
+  return heads
+
+
+@pytest.mark.parametrize("temperature,head_type", [(0.0, "medusa"), (0.5, "medusa"), (0.0, "hydra")])
+def test_oracle_heads_reach_depth_plus_one_tokens_per_step(temperature, head_type):
   model, sigma = _permutation_model()
-  engine = Engine(model, ByteTokenizer(), heads=_oracle_heads(model, sigma, 4), max_cache_len=512)
+  heads = _oracle_heads(model, sigma, 4) if head_type == "medusa" else _oracle_hydra_heads(model, 4)
+  engine = Engine(model, ByteTokenizer(), heads=heads, max_cache_len=512)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)  # never stop early
   prompts = _prompts(7, [6, 13])
   prompts = [[int(t) % 64 for t in p] for p in prompts]
@@ -128,7 +173,9 @@ def test_cache_after_step_equals_plain_forward():
   def run(tokens, lens, top):
     cache = KVCache.init(model.config, 2, p_len + tree.size)  # room for the prompt and the tree
     _, _, cache = prefill(model, tokens, lens, cache)
-    tree_tokens, _, logits, node_hidden, cache = tree_forward(model, cache, jnp.asarray(greedy[:, 0]), top, tree)
+    flat = jnp.concatenate([jnp.asarray(greedy[:, :1]), top.reshape(2, -1)], axis=1)
+    tree_tokens = flat[:, tree.candidate_index]  # node (d, r): rank r of head d - 1
+    _, logits, node_hidden, cache = tree_forward(model, cache, tree_tokens, tree)
     path, accepted, last, bonus = accept(tree_tokens, logits, tree, None, jax.random.PRNGKey(0))
     return *keep_path(tree_tokens, node_hidden, cache, path, accepted, last, bonus, tree)[:3], bonus
 

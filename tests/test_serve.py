@@ -27,11 +27,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(tmp_path, *flags: str):
+def _start(tmp_path, *flags: str, env: dict | None = None):
   port = _free_port()
   log = open(tmp_path / f"server-{port}.log", "w")
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer", "serve.py"), "--port", str(port), *flags],
-                          stdout=log, stderr=subprocess.STDOUT)
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
   base = f"http://127.0.0.1:{port}"
   deadline = time.time() + 600
   while time.time() < deadline:

@@ -68,6 +68,44 @@ def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
   assert med_n.sum() / steps.sum() > 1.3, (med_n, steps)
 
 
+def test_shipped_medusa_type_heads_export_for_tgi(smollm2, tmp_path):
+  """The default heads are Hydra heads (only this project decodes them); `--heads default` exports
+  their Medusa-type sibling, whose Medusa layout draws TGI's whole-vocabulary top-1 from the
+  drafting vocabulary (lm_head rows outside it are zero) on the model's real hidden states."""
+  import os
+  import subprocess
+  import sys
+
+  from safetensors.numpy import load_file
+
+  from medusa_jax.formats.layout import read_heads
+  from medusa_jax.medusa.draft_vocab import DraftVocab, read
+  from medusa_jax.weights.specs import default_heads
+
+  assert smollm2.heads.config.head_type == "hydra"
+  medusa_dir = default_heads("smollm2-135m-instruct", medusa_type=True)
+  heads = read_heads(medusa_dir, smollm2.model)
+  assert heads.config.head_type == "medusa"
+  out = tmp_path / "tgi"
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer", "export_hf.py")
+  proc = subprocess.run([sys.executable, script, "--heads", "default", "--format", "medusa",
+                         "--out", str(out)], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  w = load_file(str(out / "medusa_lm_head.safetensors"))
+  ids = read(medusa_dir, 8192)
+  tokens = jnp.asarray([smollm2.encode(p) for p in CHAT_PROMPTS[:1]])
+  hidden, _ = smollm2.model.hidden_states(tokens, jnp.arange(tokens.shape[1])[None])
+  feats = heads.hidden(hidden[0])  # [K, seq, embed]
+  ours = np.asarray(DraftVocab.build(smollm2.model, heads, ids).top_k(feats, 1))[..., 0]
+  n = heads.config.num_layers
+  for k in range(heads.config.num_heads):  # the exported weights, in NumPy, whole vocabulary
+    x = np.asarray(hidden[0], np.float32)
+    for l in range(n):
+      z = x @ w[f"{k}.{l}.linear.weight"].T + w[f"{k}.{l}.linear.bias"]
+      x = x + z / (1 + np.exp(-z))
+    np.testing.assert_array_equal((x @ w[f"{k}.{n}.weight"].T).argmax(-1), ours[k])
+
+
 def test_gguf_tokenizer_matches_transformers():
   """Our torch-free GGUF tokenizer encodes like transformers' own GGUF tokenizer."""
   import os

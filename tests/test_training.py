@@ -4,6 +4,7 @@ devices give the losses of one, bad input gives one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_medusa import random_heads
 
 from medusa_jax import MedusaError
 from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads, head_targets
 from medusa_jax.model.config import preset
-from medusa_jax.training.batches import SequenceBatch
+from medusa_jax.training.batches import PositionBatch, SequenceBatch
 from medusa_jax.training.checkpoints import trained_model
 from medusa_jax.training.config import TrainConfig, load_config
 from medusa_jax.training.hidden_cache import cache_positions, with_soft_targets
@@ -83,13 +85,13 @@ def test_medusa1_step_leaves_backbone_unchanged_and_moves_heads(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_cached_positions_give_the_sequence_loss(tmp_path):
-  """Dropping prompt and padding positions (cache_hidden) leaves the loss and its gradient as they are."""
-  cfg = _config(tmp_path, "num_heads=3")
+@pytest.mark.parametrize("head_type", ["medusa", "hydra"])
+def test_cached_positions_give_the_sequence_loss(tmp_path, head_type):
+  """Dropping prompt and padding positions (cache_hidden) leaves the loss and its gradient as they
+  are (for Hydra heads, the cached next tokens are the sequence's)."""
+  cfg = _config(tmp_path, "num_heads=3", f"heads.head_type={head_type}")
   base = random_model(preset("tiny"), seed=0)
-  heads = MedusaHeads.for_model(base, HeadsConfig(3, 1, False), seed=1)
-  for blocks in heads.blocks:  # non-zero ResBlocks so every head differs
-    blocks[0].linear.kernel[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(2), blocks[0].linear.kernel.shape)
+  heads = random_heads(base, HeadsConfig(3, 1, False, head_type), seed=1)  # every head differs
   hg, hs = nnx.split(heads)
   bg, bs = nnx.split(base)
   rng = np.random.default_rng(0)
@@ -107,6 +109,30 @@ def test_cached_positions_give_the_sequence_loss(tmp_path):
   np.testing.assert_allclose(pos.loss, seq.loss, rtol=1e-5)
   np.testing.assert_array_equal(pos.count, seq.count)
   np.testing.assert_array_equal(pos.top1, seq.top1)
+
+
+def test_hydra_heads_train_and_reload(tmp_path):
+  """A Hydra run (cached positions) lowers its loss; the run and its exported heads directory
+  reload as the same Hydra heads, which Medusa/TGI/vLLM export refuses in one line."""
+  from medusa_jax.formats.layout import export, read_heads
+
+  out = tmp_path / "run"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_heads.py"), TINY,
+                         f"output_dir={out}", "heads.head_type=hydra", "cache_hidden=true",
+                         "max_steps=30", "log_every=5", "eval_every=0"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  losses = [r["loss"] for r in _metrics(out)]
+  assert losses[-1] < 0.6 * losses[0], losses
+  base = random_model(preset("tiny"), seed=0)
+  run, exported = read_heads(str(out), base), read_heads(str(out / "heads"), base)
+  assert run.config.head_type == exported.config.head_type == "hydra"
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(run)),
+               nnx.to_pure_dict(nnx.state(exported)))
+  for fmt in ("medusa", "vllm"):
+    with pytest.raises(MedusaError, match=f"hydra heads cannot be exported as {fmt}"):
+      export(fmt, str(tmp_path / fmt), model=base, heads=run, base_name="tiny")
+    assert not (tmp_path / fmt).exists()
 
 
 def test_cache_hidden_training_loss_falls(tmp_path):
@@ -199,10 +225,11 @@ def test_soft_loss_is_the_cross_entropy_against_the_teacher():
   valid = np.ones((21, 2), bool)
   soft_ids = ids[rng.integers(0, 64, (21, 2, 3))]
   soft_probs = rng.dirichlet(np.ones(3), (21, 2)).astype(np.float32)
-  got = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
-                   draft_ids=ids, soft=(jnp.asarray(soft_ids), jnp.asarray(soft_probs)))
-  hard = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
-                    draft_ids=ids)
+  hard_batch = _positions(hidden, targets, valid, rng)
+  got = heads_loss(heads, base, dataclasses.replace(hard_batch, soft_ids=jnp.asarray(soft_ids),
+                                                    soft_probs=jnp.asarray(soft_probs)),
+                   0.5, chunk=8, draft_ids=ids)
+  hard = heads_loss(heads, base, hard_batch, 0.5, chunk=8, draft_ids=ids)
   full = np.asarray(heads(hidden, base))
   column = {int(t): i for i, t in enumerate(ids)}
   for k in range(2):
@@ -223,12 +250,18 @@ def test_teacher_distillation_trains(tmp_path, cache):
   assert _metrics(tmp_path, "eval")
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_draft_vocab_loss_is_the_softmax_over_those_ids(share):
+def _positions(hidden, targets, valid, rng):
+  """A `PositionBatch` with random next tokens (what Hydra heads read with the targets)."""
+  return PositionBatch(hidden, jnp.asarray(rng.integers(0, 512, len(hidden)), jnp.int32),
+                       jnp.asarray(targets), jnp.asarray(valid))
+
+
+@pytest.mark.parametrize("share,head_type", [(True, "medusa"), (False, "medusa"), (True, "hydra")])
+def test_draft_vocab_loss_is_the_softmax_over_those_ids(share, head_type):
   """heads_loss over a drafting vocabulary equals CE and top-k computed in NumPy from the full
   logits' columns at those ids; a target outside them adds no loss and counts as a miss."""
   base = random_model(preset("tiny"), seed=0)
-  heads = MedusaHeads.for_model(base, HeadsConfig(2, 1, share), seed=1)
+  heads = random_heads(base, HeadsConfig(2, 1, share, head_type), seed=1)
   vocab = base.config.vocab_size
   rng = np.random.default_rng(0)
   ids = rng.permutation(vocab)[: vocab // 3].astype(np.int32)
@@ -237,9 +270,9 @@ def test_draft_vocab_loss_is_the_softmax_over_those_ids(share):
   targets[:12, 0] = ids[rng.integers(0, len(ids), 12)]  # some targets inside the set, most outside
   targets[:20, 1] = ids[rng.integers(0, len(ids), 20)]
   valid = rng.random((37, 2)) < 0.9
-  got = heads_loss(heads, base, hidden, jnp.asarray(targets), jnp.asarray(valid), 0.5, chunk=8,
-                   draft_ids=ids)
-  full = np.asarray(heads(hidden, base))  # [2, 37, vocab]
+  batch = _positions(hidden, targets, valid, rng)
+  got = heads_loss(heads, base, batch, 0.5, chunk=8, draft_ids=ids)
+  full = np.asarray(heads(hidden, base, path=batch.path))  # [2, 37, vocab]
   column = {int(t): i for i, t in enumerate(ids)}
   loss = 0.0
   for k in range(2):
@@ -471,6 +504,7 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["model.spec="], "'model.spec' must not be empty"),
     (["optim.nope=1"], "unknown config key 'optim.nope'"),
     (["heads=3"], "config key 'heads' needs a mapping"),
+    (["heads.head_type=eagle"], "'heads.head_type' must be one of medusa, hydra"),
     (["output_dir=3"], "'output_dir' needs a string, got 3"),
     (["data=5"], "'data' needs a path or a list of paths"),
 ])

@@ -22,6 +22,7 @@ import os
 from medusa_jax.atomic import atomic_file, write_json
 from medusa_jax.cli.common import (
   add_generation_flags,
+  add_mesh_flag,
   generation_config,
   main_guard,
   quiet_logs,
@@ -67,6 +68,7 @@ def main(argv=None):
   p.add_argument("--max-prompts", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
   add_generation_flags(p)
+  add_mesh_flag(p)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--plot", default=None, help="PNG: tokens per step and speedup per category")
@@ -104,7 +106,7 @@ def main(argv=None):
 
   convs = load_conversations(args.prompts)[: args.max_prompts]
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
-                           draft_vocab=args.draft_vocab)
+                           draft_vocab=args.draft_vocab, mesh=args.mesh)
   engine.resolve_mode("medusa")  # a clear error when no heads are loaded
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:

@@ -45,6 +45,14 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
   p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
 
 
+def add_mesh_flag(p: argparse.ArgumentParser) -> None:
+  """`--mesh data=D,fsdp=F,tensor=T` (the training config's mesh keys): run sharded over the
+  devices."""
+  p.add_argument("--mesh", default=None,
+                 help="shard over the devices: data=D,fsdp=F,tensor=T (product = device count; "
+                      "tensor splits attention heads, MLP and vocabulary, data the prompts)")
+
+
 def generation_config(args, **changes) -> GenerationConfig:
   """The `GenerationConfig` of parsed `add_generation_flags` flags (plus `changes`)."""
   return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -21,18 +21,20 @@ from medusa_jax.weights import specs
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--heads", default=None, help="heads directory or 'default' (not needed for hf-llama)")
+  p.add_argument("--heads", default=None, help="heads directory or 'default' (the shipped Medusa-type "
+                                                "heads; not needed for hf-llama)")
   p.add_argument("--model", default=specs.EMBEDDED_MODEL)
   p.add_argument("--format", required=True, choices=FORMATS)
   p.add_argument("--out", required=True)
   p.add_argument("--force", action="store_true")
   p.add_argument("--draft-vocab", type=int, default=draft_vocab.DEFAULT_SIZE,
-                 help="the N most frequent ids of the heads' draft_vocab.json become vllm's token_map "
-                      "(medusa: a draft_vocab.json beside them); 0: the whole vocabulary")
+                 help="the heads draft from the N most frequent ids of their draft_vocab.json: vllm's "
+                      "token_map; medusa: lm_head rows outside them are zero (and a draft_vocab.json "
+                      "beside them); 0: the whole vocabulary")
   args = p.parse_args(argv)
   quiet_logs()
   loaded = specs.load(args.model)
-  heads_path = specs.default_heads(args.model) if args.heads == "default" else args.heads
+  heads_path = specs.default_heads(args.model, medusa_type=True) if args.heads == "default" else args.heads
   if args.heads == "default" and heads_path is None:
     raise MedusaError(f"no shipped heads for {args.model}; give --heads DIR")
   heads = read_heads(heads_path, loaded.model) if heads_path else None

@@ -12,6 +12,7 @@ import json
 
 from medusa_jax.cli.common import (
   add_generation_flags,
+  add_mesh_flag,
   generation_config,
   main_guard,
   quiet_logs,
@@ -38,6 +39,7 @@ def parse_args(argv=None):
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   add_generation_flags(p)
+  add_mesh_flag(p)
   p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
   p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
   return p.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv=None):
 
   heads = None if args.heads == "none" else args.heads
   engine = medusa_jax.load(args.model, heads=heads, tree=args.tree, dtype=args.dtype,
-                           draft_vocab=args.draft_vocab)
+                           draft_vocab=args.draft_vocab, mesh=args.mesh)
   mode = engine.resolve_mode(args.mode)
   prompts = args.prompt or [DEMO_PROMPT]
   results = engine.generate(prompts, generation_config(args, mode=mode), chat=not args.no_chat)

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 
-from medusa_jax.cli.common import main_guard, quiet_logs, require_positive
+from medusa_jax.cli.common import (
+  add_mesh_flag,
+  main_guard,
+  quiet_logs,
+  require_positive,
+)
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
@@ -35,6 +40,7 @@ def main(argv=None):
   p.add_argument("--chunk-steps", type=int, default=4, help="decode steps per device call")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--served-model-name", default=None, help="the model id clients ask for")
+  add_mesh_flag(p)
   args = p.parse_args(argv)
   require_positive(args, "max_batch", "max_context", "max_queue", "chunk_steps", "port")
   quiet_logs()
@@ -45,7 +51,7 @@ def main(argv=None):
   from medusa_jax.serve.scheduler import Scheduler
 
   engine = medusa_jax.load(args.model, heads=None if args.heads == "none" else args.heads, tree=args.tree,
-                           dtype=args.dtype, draft_vocab=args.draft_vocab)
+                           dtype=args.dtype, draft_vocab=args.draft_vocab, mesh=args.mesh)
   scheduler = Scheduler(engine, max_batch=args.max_batch, max_context=args.max_context,
                         chunk_steps=args.chunk_steps, max_queue=args.max_queue)
   app = create_app(scheduler, args.served_model_name or engine.name)

@@ -9,6 +9,11 @@ training answers' tokens by frequency, the heads' drafting vocabulary); a Medusa
 its trained backbone as a Hugging Face Llama directory `output_dir/model` (use both together:
 `--model output_dir/model --heads output_dir/heads`). `heads.init=DIR` starts from trained heads
 (any heads directory, e.g. Medusa-1's for the two-stage Medusa-2 recipe).
+
+Several hosts: every process runs the same command with `--coordinator HOST:PORT` (process 0's
+address), `--num-processes N` and `--process-id I` (auto-detected on TPU pods and under SLURM when
+omitted); the mesh spans every process's devices, each reads only its rows of each batch, and
+process 0 writes the metrics and exported heads (`medusa_jax/training/distributed.py`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import os
 import sys
 
 from medusa_jax.cli.common import main_guard, quiet_logs
+from medusa_jax.errors import MedusaError
 from medusa_jax.formats import medusa as medusa_format
 from medusa_jax.formats.layout import read_heads
 from medusa_jax.medusa import draft_vocab
 from medusa_jax.training.checkpoints import trained_model
+from medusa_jax.training import distributed
 from medusa_jax.training.config import load_config
 from medusa_jax.training.loop import prepare_data, train
 from medusa_jax.weights import hf, specs
@@ -33,12 +40,16 @@ def main(argv=None):
     print(__doc__)
     return
   quiet_logs()
-  path, overrides = (argv[0], argv[1:]) if not argv[0].count("=") else (None, argv)
+  argv, processes = _process_flags(argv)
+  distributed.initialize(**processes)
+  path, overrides = (argv[0], argv[1:]) if argv and not argv[0].count("=") else (None, argv)
   cfg = load_config(path, overrides)
   loaded = specs.load(cfg.model.spec)
   init = read_heads(cfg.heads.init, loaded.model) if cfg.heads.init else None
   last = train(cfg, init_heads=init)
-  base, heads = trained_model(cfg, loaded.model)
+  base, heads = trained_model(cfg, loaded.model)  # every process restores; process 0 writes
+  if not distributed.is_main():
+    return
   heads_dir, model_dir = os.path.join(cfg.output_dir, "heads"), os.path.join(cfg.output_dir, "model")
   if cfg.method == "medusa2":
     hf.write_dir(model_dir, base, tokenizer=loaded.tokenizer, force=True)
@@ -49,6 +60,27 @@ def main(argv=None):
                       lm_head_copies=False, draft_ids=ids, draft_tokens_counted=counted, force=True)
   written = " and ".join([heads_dir] + ([model_dir] if cfg.method == "medusa2" else []))
   print(f"step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}; wrote {written}")
+
+
+def _process_flags(argv: list[str]) -> tuple[list[str], dict]:
+  """`argv` without the multi-process flags, and their values (`distributed.initialize`'s
+  keywords)."""
+  names = {"--coordinator": ("coordinator", str), "--num-processes": ("num_processes", int),
+           "--process-id": ("process_id", int)}
+  rest, values = [], {}
+  it = iter(argv)
+  for arg in it:
+    flag, eq, value = arg.partition("=")
+    if flag not in names:
+      rest.append(arg)
+      continue
+    value = value if eq else next(it, None)
+    key, kind = names[flag]
+    try:
+      values[key] = kind(value)
+    except (TypeError, ValueError):
+      raise MedusaError(f"{flag} needs a value ({'HOST:PORT' if kind is str else 'a whole number'})") from None
+  return rest, values
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.config import MODES, GenerationConfig
 from medusa_jax.decode.medusa import medusa_generate
@@ -19,6 +20,7 @@ from medusa_jax.medusa.draft_vocab import DraftVocab
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.medusa.tree import Tree, default_tree, get_tree
 from medusa_jax.model.llama import Llama
+from medusa_jax.model.sharding import batch_sharding, check_model_fits, shard_state
 from medusa_jax.model.tokenizer import Message, encode_chat
 
 
@@ -59,14 +61,25 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> t
 
 class Engine:
   """A backbone and optional Medusa heads with its tokenizer, held as graphdef + state so every
-  generation is a pure jitted function of (state, inputs). One compilation per shape bucket."""
+  generation is a pure jitted function of (state, inputs). One compilation per shape bucket.
+
+  On a `mesh` (`model.sharding.make_mesh` / `parse_mesh`) the weights and heads are placed by the
+  logical axis rules (attention heads, MLP and vocabulary over `tensor`), prompts are split over
+  `data` x `fsdp` when the batch divides (else replicated) and the KV cache is sharded like the
+  weights: the same jitted loops run tensor- and data-parallel."""
 
   def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | None = None,
                tree: str | Tree | Sequence[Sequence[int]] | None = None, name: str = "model",
-               max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None):
+               max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None,
+               mesh: Mesh | None = None):
+    self.mesh = mesh
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.heads_graphdef, self.heads_state = nnx.split(heads) if heads is not None else (None, None)
+    if mesh is not None:
+      check_model_fits(model.config, mesh)
+      self.state = shard_state(self.state, mesh)
+      self.heads_state = None if heads is None else shard_state(self.heads_state, mesh)
     self.heads_config = heads.config if heads is not None else None
     self.tree = None
     self.draft: DraftVocab | None = None
@@ -80,15 +93,25 @@ class Engine:
     eos = set(self.config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
       eos.add(int(tokenizer.eos_token_id))
-    self.eos_ids = jnp.asarray(sorted(eos), jnp.int32)
+    self.eos_ids = self._place(np.asarray(sorted(eos), np.int32), split=False)
     self.pad_id = int(self.config.pad_token_id)
     self._compiled: dict = {}
     self.compile_seconds = 0.0
 
+  def _place(self, x: np.ndarray, split: bool = True) -> jax.Array:
+    """A host input on the device(s): rows split over the mesh's data x fsdp when `split` and they
+    divide, else replicated."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    sharding = (batch_sharding(self.mesh, x.ndim) if split and x.ndim and x.shape[0] % rows == 0
+                else NamedSharding(self.mesh, PartitionSpec()))
+    return jax.device_put(x, sharding)
+
   def _call(self, fn, *args, **static):
     """Runs jitted `fn` on positional array arguments `args`, compiling once per (fn, argument
     shapes, static keyword arguments); returns (device-fetched output, seconds of the run alone)."""
-    static = dict(graphdef=self.graphdef, **static)
+    static = dict(graphdef=self.graphdef, mesh=self.mesh, **static)
     key = (fn.__name__, tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])),
            tuple(sorted(static.items(), key=lambda kv: kv[0])))
     if key not in self._compiled:
@@ -163,7 +186,8 @@ class Engine:
     length = self._check_lengths(prompts, max_new_tokens, extra if mode == "medusa" else 0)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)
     cache_len = -(-(length + max_new_tokens + extra) // 64) * 64
-    args = (jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(config.seed), self.eos_ids)
+    args = (self._place(tokens), self._place(lens), self._place(np.asarray(jax.random.PRNGKey(config.seed)), False),
+            self.eos_ids)
     common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
                   cache_dtype=self.dtype)
     if mode == "baseline":

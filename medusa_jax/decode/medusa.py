@@ -1,7 +1,8 @@
 """Medusa tree decoding: one jitted `jax.lax.while_loop`, static shapes, batch > 1.
 
-Each step, per row: (1) the tree's tokens from the root (last emitted token) and the heads' top-k
-at the last accepted position; (2) one forward over all tree tokens with the tree mask, their
+Each step, per row: (1) the tree's tokens from the root (last emitted token) and the heads' guesses
+at the last accepted position (`MedusaHeads.draft_tree`: top-k per head, or depth by depth for
+Hydra heads); (2) one forward over all tree tokens with the tree mask, their
 K/V written after the row's prefix; (3) acceptance on the device; (4) the accepted path's K/V moved
 to contiguous positions; the accepted tokens plus one bonus token (from the base logits at the
 last accepted node) emitted; the hidden state there seeds the next step's guesses (over the heads'
@@ -16,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from medusa_jax.decode.acceptance import Rule, accept, first_token
 from medusa_jax.decode.plain import DecodeOutput, Emitted, prefill
@@ -26,31 +28,13 @@ from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
 
 
-def heads_top(model: Llama, heads: MedusaHeads, hidden: jax.Array, tree: Tree,
-              draft: DraftVocab | None) -> jax.Array:
-  """The first `tree.depth` heads' top-k ids `[batch, depth, topk]` at hidden states `[batch, embed]`,
-  over the drafting vocabulary `draft` (None: the whole vocabulary)."""
-  feats = heads.hidden(hidden, tree.depth)
-  top = (jax.lax.top_k(heads.logits(feats, model), tree.topk)[1] if draft is None
-         else draft.top_k(feats, tree.topk))
-  return jnp.moveaxis(top, 0, 1).astype(jnp.int32)
-
-
-def tree_tokens(root: jax.Array, top: jax.Array, tree: Tree) -> jax.Array:
-  """root `[batch]`, heads' top-k `[batch, depth, topk]` -> the tree's tokens `[batch, T]`."""
-  flat = jnp.concatenate([root[:, None], top.reshape(top.shape[0], -1)], axis=1)
-  return jnp.take(flat, jnp.asarray(tree.candidate_index), axis=1)
-
-
-def tree_forward(model: Llama, cache: KVCache, root: jax.Array, top: jax.Array, tree: Tree):
-  """The tree after `root` `[batch]` from the heads' top-k `top` `[batch, depth, topk]` through the
-  model in one forward, its K/V written after each row's prefix. Returns (tree tokens `[batch, T]`,
-  positions `[batch, T]`, float32 logits `[batch, T, vocab]`, hidden states `[batch, T, embed]`,
-  cache)."""
-  tokens = tree_tokens(root, top, tree)
+def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: Tree):
+  """The tree's tokens `[batch, T]` (`MedusaHeads.draft_tree`) through the model in one forward,
+  their K/V written after each row's prefix. Returns (positions `[batch, T]`, float32 logits
+  `[batch, T, vocab]`, hidden states `[batch, T, embed]`, cache)."""
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
   node_hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
-  return tokens, positions, model.logits(node_hidden), node_hidden, cache
+  return positions, model.logits(node_hidden), node_hidden, cache
 
 
 def keep_path(tokens: jax.Array, node_hidden: jax.Array, cache: KVCache, path: jax.Array,
@@ -75,8 +59,8 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
   accepted path committed, next root `[batch]`, the hidden state the next step's heads read
   `[batch, embed]`). One vocab matmul over every tree node gives the logits for acceptance and
   the bonus token."""
-  top = heads_top(model, heads, hidden, tree, draft)
-  tokens, _, logits, node_hidden, cache = tree_forward(model, cache, root, top, tree)
+  tokens = heads.draft_tree(model, hidden, root, tree, draft)
+  _, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
   path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)
   emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
   return emitted, n, cache, bonus, last_hidden
@@ -94,19 +78,20 @@ class _Carry:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
-                                             "cache_len", "rule", "pad_id", "cache_dtype"))
+                                             "cache_len", "rule", "pad_id", "cache_dtype", "mesh"))
 def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab | None,
                     tokens: jax.Array, prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
                     graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef, tree: Tree, max_new_tokens: int,
                     cache_len: int, rule: Rule, pad_id: int,
-                    cache_dtype=jnp.float32) -> DecodeOutput:
+                    cache_dtype=jnp.float32, mesh: Mesh | None = None) -> DecodeOutput:
   """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`) under the
   acceptance `rule` (None: greedy; `acceptance.py`); the heads draft from `draft` (None: the whole
-  vocabulary). `cache_len` must be at least P + max_new_tokens + tree.size."""
+  vocabulary). `cache_len` must be at least P + max_new_tokens + tree.size. On `mesh` the KV cache
+  is sharded as the weights are (`KVCache.init`)."""
   model = nnx.merge(graphdef, state)
   heads = nnx.merge(heads_graphdef, heads_state)
   batch = tokens.shape[0]
-  cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
+  cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)
   logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
   root = first_token(logits, sub, rule)  # from the very logits (and key) the baseline's first token comes from

@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from medusa_jax.decode.sampling import SamplingParams, sample
 from medusa_jax.model.kv_cache import KVCache
@@ -90,15 +91,16 @@ class _Carry:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling",
-                                             "pad_id", "cache_dtype"))
+                                             "pad_id", "cache_dtype", "mesh"))
 def baseline_generate(state: nnx.State, tokens: jax.Array, prompt_lens: jax.Array,
                       key: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef,
                       max_new_tokens: int, cache_len: int, sampling: SamplingParams, pad_id: int,
-                      cache_dtype=jnp.float32) -> DecodeOutput:
-  """Plain autoregressive decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`)."""
+                      cache_dtype=jnp.float32, mesh: Mesh | None = None) -> DecodeOutput:
+  """Plain autoregressive decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`);
+  on `mesh` the KV cache is sharded as the weights are (`KVCache.init`)."""
   model = nnx.merge(graphdef, state)
   batch = tokens.shape[0]
-  cache = KVCache.init(model.config, batch, cache_len, cache_dtype)
+  cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)
   logits, _, cache = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)

@@ -17,10 +17,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from medusa_jax.decode.acceptance import accept
 from medusa_jax.decode.coupled import RowSettings, target_logits
-from medusa_jax.decode.medusa import heads_top, keep_path, tree_forward
+from medusa_jax.decode.medusa import keep_path, tree_forward
 from medusa_jax.decode.plain import Emitted, prefill
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import ModelConfig
@@ -39,11 +40,12 @@ class Slots:
   done: jax.Array          # `[slots]` bool: finished, or a free slot
 
   @classmethod
-  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype) -> "Slots":
+  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None) -> "Slots":
+    """Free slots; on `mesh` the KV cache is sharded as `KVCache.init` shards it."""
     def zeros(dtype=jnp.int32):  # a buffer each: the chunk donates them all
       return jnp.zeros((slots,), dtype)
 
-    return cls(KVCache.init(config, slots, max_len, dtype), zeros(),
+    return cls(KVCache.init(config, slots, max_len, dtype, mesh), zeros(),
                jnp.zeros((slots, config.hidden_size), dtype),
                RowSettings.create(zeros(jnp.float32), zeros(jnp.float32) + 1, zeros()), zeros(),
                zeros(bool) | True, zeros(bool) | True)
@@ -110,8 +112,8 @@ def _plain_step(model, cache: KVCache, root, rows: RowSettings):
 
 
 def _tree_step(model, heads, cache: KVCache, root, hidden, rows: RowSettings, tree: Tree, draft):
-  top = heads_top(model, heads, hidden, tree, draft)
-  tokens, positions, logits, node_hidden, cache = tree_forward(model, cache, root, top, tree)
+  tokens = heads.draft_tree(model, hidden, root, tree, draft)
+  positions, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
   target = target_logits(logits, positions + 1, rows)
   path, accepted, last, bonus = accept(tokens, target, tree, None, jax.random.PRNGKey(0))
   emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)

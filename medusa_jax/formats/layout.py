@@ -36,14 +36,18 @@ def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_
            tokenizer=None, force: bool = False, draft_ids: np.ndarray | None = None) -> None:
   """Writes `fmt` to `out`: heads for Medusa/TGI (per-head lm_heads always written, as those tools
   need them) or vLLM, or the backbone as HF Llama. `draft_ids`: the heads' drafting vocabulary
-  (vLLM's `token_map`; a `draft_vocab.json` in the Medusa layout), None for the whole vocabulary."""
+  (vLLM's `token_map`; in the Medusa layout a `draft_vocab.json` and lm_head rows that are zero
+  outside it, so TGI drafts from it too), None for the whole vocabulary."""
   if fmt not in FORMATS:
     raise MedusaError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
   if fmt != "hf-llama" and heads is None:
     raise MedusaError(f"format {fmt} needs heads (--heads)")
+  if fmt != "hf-llama" and heads.config.head_type != "medusa":
+    raise MedusaError(f"{heads.config.head_type} heads cannot be exported as {fmt}: Medusa, TGI and "
+                      "vLLM do not feed heads the drafted tokens; decode them with medusa-jax")
   if fmt == "medusa":
     medusa.write(out, heads, model, base_model=base_name, lm_head_copies=True, draft_ids=draft_ids,
-                 force=force)
+                 zero_outside_draft=True, force=force)
   elif fmt == "vllm":
     vllm.write(out, heads, model, base_model=base_name, draft_ids=draft_ids, force=force)
   else:

@@ -11,9 +11,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.rows import gather_rows, write_rows
+from medusa_jax.model.sharding import named_sharding
+
+AXES = ("batch", "seq", "kv_heads", "head_dim")  # logical axes of each K/V buffer
 
 
 @jax.tree_util.register_dataclass
@@ -31,10 +35,18 @@ class KVCache:
     return self.span or self.max_len
 
   @classmethod
-  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
+           mesh: Mesh | None = None) -> "KVCache":
+    """An empty cache; on `mesh` its buffers are sharded by the logical axis rules: rows over
+    data x fsdp (where they divide), kv heads over tensor."""
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    def zeros():
-      return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+    def zeros():  # a buffer per layer (a chunk donates each)
+      if mesh is None:
+        return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+      sharding = named_sharding(AXES, shape, mesh)
+      return tuple(jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+                   for _ in range(config.num_layers))
 
     return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 

@@ -47,6 +47,32 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def parse_mesh(text: str, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh from `"data=2,tensor=4"` (the training config's `mesh.*` keys; missing axes are 1)."""
+  sizes = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, eq, value = part.partition("=")
+    if not eq or name.strip() not in MESH_AXES or not value.strip().isdigit():
+      raise MedusaError(f"a mesh is AXIS=N[,AXIS=N] with axes {', '.join(MESH_AXES)} "
+                        f"(e.g. data=2,tensor=4); got {text!r}")
+    sizes[name.strip()] = int(value)
+  return make_mesh(devices=devices, **sizes)
+
+
+def check_model_fits(config, mesh: Mesh) -> None:
+  """A one-line error unless the mesh's tensor axis divides the attention heads, kv heads, MLP
+  width and vocabulary of `config` (a `ModelConfig`) and its fsdp axis the hidden size: what
+  tensor-parallel inference splits."""
+  t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
+  for name, dim, n, axis in (("attention heads", config.num_heads, t, "tensor"),
+                             ("kv heads", config.num_kv_heads, t, "tensor"),
+                             ("MLP width", config.intermediate_size, t, "tensor"),
+                             ("vocabulary", config.vocab_size, t, "tensor"),
+                             ("hidden size", config.hidden_size, f, "fsdp")):
+    if dim % n:
+      raise MedusaError(f"mesh {axis}={n} does not divide the model's {dim} {name}")
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
   """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`.
 

@@ -105,7 +105,7 @@ class Scheduler:
     """Compiles every (row bucket, tree or plain, span) chunk and the prompt buckets' prefill, and
     times a chunk of each (bucket, tree or plain) with every row live at a quarter of the context."""
     e = self.engine
-    slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype)
+    slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh)
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
     for p in [32 << i for i in range(16) if (32 << i) <= bucket(self.max_context)]:
       slots = self._insert(slots, 0, prompt[:p], p, budget=self.max_len)[0]
@@ -123,7 +123,7 @@ class Scheduler:
           jax.block_until_ready(tokens)
           best = min(best, time.perf_counter() - start)
         self.step_seconds[(b, use_tree)] = best / self.chunk_steps
-    self._slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype)
+    self._slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh)
     self.ready = True
 
   def _insert(self, slots, slot: int, ids: list[int], length: int, *, budget: int, temperature=0.0,

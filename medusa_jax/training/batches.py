@@ -25,10 +25,17 @@ class SequenceBatch:
 @dataclasses.dataclass(frozen=True)
 class PositionBatch:
   hidden: jax.Array                   # `[n, embed]` backbone final-norm hidden states
+  next_tokens: jax.Array              # `[n]` the token after each position (the tree's root there)
   targets: jax.Array                  # `[n, num_heads]` each head's target token
   valid: jax.Array                    # `[n, num_heads]` where that target is an assistant token
   soft_ids: jax.Array | None = None   # `[n, num_heads, M]` teacher's top-M token ids at the target
   soft_probs: jax.Array | None = None  # `[n, num_heads, M]` their renormalised probabilities
+
+  @property
+  def path(self) -> jax.Array:
+    """`[n, num_heads]` the tokens at t + 1 .. t + num_heads: what Hydra heads read (teacher
+    forcing)."""
+    return jax.numpy.concatenate([self.next_tokens[:, None], self.targets[:, :-1]], axis=1)
 
   @property
   def soft(self) -> tuple[jax.Array, jax.Array] | None:

@@ -78,7 +78,8 @@ def trained_params(cfg: TrainConfig, heads_state, base_state) -> dict:
 
 
 def heads_config(cfg: TrainConfig) -> HeadsConfig:
-  return HeadsConfig(cfg.heads.num_heads, cfg.heads.num_layers, cfg.heads.share_lm_head)
+  return HeadsConfig(cfg.heads.num_heads, cfg.heads.num_layers, cfg.heads.share_lm_head,
+                     cfg.heads.head_type)
 
 
 def read_config(run_dir: str) -> TrainConfig:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from medusa_jax.errors import MedusaError
+from medusa_jax.medusa.heads import HEAD_TYPES
 
 
 @dataclasses.dataclass
@@ -26,6 +27,8 @@ class HeadsSection:
   num_heads: int = 4
   num_layers: int = 1
   share_lm_head: bool = True
+  head_type: str = "medusa"          # medusa (each head reads the hidden state) or hydra (head k
+                                     # also reads the path's tokens; `medusa/heads.py`)
   init: str = ""                     # start from these trained heads (e.g. Medusa-1's, for Medusa-2)
   draft_vocab: int = 0               # heads' softmax over the N most frequent answer tokens of the
                                      # training data (their drafting vocabulary, as decoding uses
@@ -197,7 +200,8 @@ def _get(config: TrainConfig, key: str):
 
 
 def _check(config: TrainConfig) -> None:
-  for key, choices in (("method", ("medusa1", "medusa2")), ("medusa2.lm_loss", ("kl", "ce"))):
+  for key, choices in (("method", ("medusa1", "medusa2")), ("medusa2.lm_loss", ("kl", "ce")),
+                       ("heads.head_type", HEAD_TYPES)):
     if _get(config, key) not in choices:
       raise MedusaError(f"config key {key!r} must be one of {', '.join(choices)}, "
                         f"got {_get(config, key)!r}")

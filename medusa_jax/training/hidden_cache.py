@@ -74,7 +74,8 @@ def stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nda
     return cache_positions(base_graphdef, base_state, tokens, mask, num_heads, cfg.data.batch_size,
                            progress)
   heads = max(num_heads, CACHED_HEADS)
-  model_key = hashlib.sha256("\0".join((cfg.model.spec, cfg.model.compute_dtype, str(heads))).encode())
+  model_key = hashlib.sha256("\0".join((cfg.model.spec, cfg.model.compute_dtype, str(heads),
+                                         "next_tokens")).encode())
   folder = os.path.join(cfg.cache.dir, f"positions-{model_key.hexdigest()[:16]}")
   keys = [hashlib.sha256(np.ascontiguousarray(t).tobytes() + np.ascontiguousarray(m).tobytes())
           .hexdigest()[:32] for t, m in zip(tokens, mask)]
@@ -83,7 +84,7 @@ def stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nda
     if not name.endswith(".npz") or ".tmp" in name:  # skip a killed run's partial write
       continue
     with np.load(os.path.join(folder, name)) as shard:
-      arrays = PositionBatch(shard["hidden"], shard["targets"], shard["valid"])
+      arrays = PositionBatch(shard["hidden"], shard["next_tokens"], shard["targets"], shard["valid"])
       ends = np.cumsum(shard["counts"])
       for key, start, end in zip(shard["keys"].tolist(), ends - shard["counts"], ends):
         stored[key] = jax.tree.map(lambda v: v[start:end], arrays)  # views, not copies
@@ -97,12 +98,13 @@ def stored_positions(cfg: TrainConfig, base_graphdef, base_state, tokens: np.nda
     name = hashlib.sha256("".join(shard_keys).encode()).hexdigest()[:16]
     with atomic_file(os.path.join(folder, f"{name}.npz")) as tmp:
       np.savez(tmp, keys=np.asarray(shard_keys), counts=np.asarray([len(p.hidden) for p in new]),
-               hidden=joined.hidden, targets=joined.targets, valid=joined.valid)
+               hidden=joined.hidden, next_tokens=joined.next_tokens, targets=joined.targets,
+               valid=joined.valid)
     stored.update(zip(shard_keys, new))
   positions = concat([stored[key] for key in keys])
   keep = positions.valid[:, :num_heads].any(-1)  # row order is kept, as `cache_positions` has it
-  return PositionBatch(positions.hidden[keep], positions.targets[keep, :num_heads],
-                       positions.valid[keep, :num_heads])
+  return PositionBatch(positions.hidden[keep], positions.next_tokens[keep],
+                       positions.targets[keep, :num_heads], positions.valid[keep, :num_heads])
 
 
 def with_soft_targets(cfg: TrainConfig, base_graphdef, base_state, draft_ids, tokens: np.ndarray,

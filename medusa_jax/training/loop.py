@@ -22,7 +22,6 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.medusa import draft_vocab
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.model.sharding import (
-  batch_sharding,
   committed_shardings,
   make_mesh,
   shard_state,
@@ -36,6 +35,7 @@ from medusa_jax.training.data import (
   split,
   tokenize_with_labels,
 )
+from medusa_jax.training.distributed import global_batch, is_main, local_copy, to_host
 from medusa_jax.training.hidden_cache import stored_positions, with_soft_targets
 from medusa_jax.training.losses import summarize
 from medusa_jax.training.optimizer import make_optimizer
@@ -100,11 +100,13 @@ def setup(cfg: TrainConfig, init_heads: MedusaHeads | None = None) -> TrainSetup
   heads = MedusaHeads.for_model(loaded.model, checkpoints.heads_config(cfg), seed=cfg.seed,
                                 param_dtype=jnp.float32)
   if init_heads is not None:
-    if init_heads.config != heads.config:
-      c, w = init_heads.config, heads.config
-      raise MedusaError(f"init_heads has {c.num_heads} heads x {c.num_layers} layers "
-                        f"(share_lm_head {c.share_lm_head}) but the config asks for {w.num_heads} x "
-                        f"{w.num_layers} (share_lm_head {w.share_lm_head})")
+    c, w = init_heads.config, heads.config
+    # Medusa heads can start Hydra ones: Hydra's input layers start as [I; 0; 0], so the Hydra heads
+    # start as exactly those Medusa heads.
+    if dataclasses.replace(c, head_type=w.head_type) != w or c.head_type not in ("medusa", w.head_type):
+      raise MedusaError(f"init_heads are {c.num_heads} {c.head_type} heads x {c.num_layers} layers "
+                        f"(share_lm_head {c.share_lm_head}) but the config asks for {w.num_heads} "
+                        f"{w.head_type} heads x {w.num_layers} (share_lm_head {w.share_lm_head})")
     nnx.update(heads, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(init_heads)))
   elif cfg.heads.init:
     raise MedusaError("heads.init names starting heads for train/train_heads.py; from Python, "
@@ -148,17 +150,21 @@ def train(cfg: TrainConfig, *, init_heads: MedusaHeads | None = None, progress: 
   data, ev_data = run.data
   per_step = cfg.data.batch_size
   if cfg.cache.hidden:  # steps draw `batch_size * seq_len` labelled positions, not padded rows
-    positions = [stored_positions(cfg, base_graphdef, base_state, d.tokens, d.mask, progress)
+    cache_cfg, cache_state = cfg, base_state
+    if jax.process_count() > 1:  # each process computes (and keeps) the cache on its own devices
+      cache_cfg = dataclasses.replace(cfg, cache=dataclasses.replace(
+          cfg.cache, dir=cfg.cache.dir and os.path.join(cfg.cache.dir, f"process-{jax.process_index()}")))
+      cache_state = local_copy(base_state)
+    positions = [stored_positions(cache_cfg, base_graphdef, cache_state, d.tokens, d.mask, progress)
                  for d in (data, ev_data)]
     if cfg.heads.teacher_top_k:
-      positions = [with_soft_targets(cfg, base_graphdef, base_state, run.draft_ids, d.tokens, d.mask, p)
+      positions = [with_soft_targets(cfg, base_graphdef, cache_state, run.draft_ids, d.tokens, d.mask, p)
                    for p, d in zip(positions, (data, ev_data))]
     data, ev_data = positions
     per_step = cfg.data.batch_size * cfg.data.seq_len
 
   def device_batch(host: SequenceBatch | PositionBatch, idx: np.ndarray):
-    return jax.tree.map(lambda v: jax.device_put(jnp.asarray(v), batch_sharding(mesh, v.ndim)),
-                        rows(host, idx))
+    return global_batch(rows(host, idx), mesh)  # this process's rows only
 
   manager = checkpoints.manager(cfg)
   start = 0
@@ -166,25 +172,25 @@ def train(cfg: TrainConfig, *, init_heads: MedusaHeads | None = None, progress: 
     start = manager.latest_step()
     restored = checkpoints.restore(cfg, manager, start, {"params": params, "opt_state": opt_state})
     params, opt_state = jax.device_put((restored["params"], restored["opt_state"]), run.shardings)
-  checkpoints.write_run_files(cfg, params)
-  metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+  main = is_main()  # one process writes the run files and metrics
+  if main:
+    checkpoints.write_run_files(cfg, params)
+  metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if main else None
   last = {}
-  bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not progress)
+  bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not (progress and main))
   try:
     for step in range(start, cfg.max_steps):
       idx = batch_indices(num_rows(data), per_step, step, cfg.seed)
       params, opt_state, metrics = run.step(params, opt_state, base_state, device_batch(data, idx))
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.max_steps:
-        last = {"step": done, "split": "train", **summarize(metrics)}
-        metrics_file.write(json.dumps(last) + "\n")
-        metrics_file.flush()
+        last = {"step": done, "split": "train", **summarize(to_host(metrics))}
+        _log(metrics_file, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1'][0]:.2f}")
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-        metrics_file.write(json.dumps({"step": done, "split": "eval",
-                                       **_evaluate(cfg, run.evaluate, params, base_state, ev_data,
-                                                   per_step, device_batch)}) + "\n")
-        metrics_file.flush()
+        _log(metrics_file, {"step": done, "split": "eval",
+                            **_evaluate(cfg, run.evaluate, params, base_state, ev_data, per_step,
+                                        device_batch)})
       if done % cfg.save_every == 0 or done == cfg.max_steps:
         checkpoints.save(manager, done, params, opt_state)
       bar.update(1)
@@ -192,9 +198,16 @@ def train(cfg: TrainConfig, *, init_heads: MedusaHeads | None = None, progress: 
         break
   finally:
     manager.wait_until_finished()
-    metrics_file.close()
+    if metrics_file:
+      metrics_file.close()
     bar.close()
   return last
+
+
+def _log(metrics_file, record: dict) -> None:
+  if metrics_file:
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
 
 
 def _evaluate(cfg, eval_fn, params, base_state, data, per_step: int, device_batch) -> dict:
@@ -205,6 +218,6 @@ def _evaluate(cfg, eval_fn, params, base_state, data, per_step: int, device_batc
   for i in starts:
     m = eval_fn(params, base_state, device_batch(data, np.arange(i, i + per_step) % n))
     total = m if total is None else jax.tree.map(lambda a, b: a + b, total, m)
-  out = summarize(total)
+  out = summarize(to_host(total))
   out["loss"] = out["loss"] / len(starts)
   return out

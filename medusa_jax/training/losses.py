@@ -25,6 +25,7 @@ import numpy as np
 from medusa_jax.medusa.draft_vocab import DraftVocab
 from medusa_jax.medusa.heads import MedusaHeads, head_targets
 from medusa_jax.model.llama import Llama
+from medusa_jax.training.batches import PositionBatch
 
 
 @jax.tree_util.register_dataclass
@@ -72,18 +73,18 @@ def _ce_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array,
   return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
 
 
-def heads_loss(heads: MedusaHeads, base: Llama, hidden: jax.Array, targets: jax.Array,
-               valid: jax.Array, decay: float, chunk: int,
-               draft_ids: np.ndarray | None = None,
-               soft: tuple[jax.Array, jax.Array] | None = None) -> StepMetrics:
-  """Positions' backbone hidden states `[n, embed]`, each head's target and validity
-  `[n, num_heads]` -> metrics. Heads are per-position, so positions need no sequence order.
-  `soft`: (ids, probs) `[n, num_heads, M]` from `soft_head_targets`: the CE is against them.
+def heads_loss(heads: MedusaHeads, base: Llama, positions: PositionBatch, decay: float, chunk: int,
+               draft_ids: np.ndarray | None = None) -> StepMetrics:
+  """Labelled positions (backbone hidden states `[n, embed]`, each head's target and validity
+  `[n, num_heads]`, the path tokens Hydra heads read, the teacher's soft targets when present)
+  -> metrics. Heads are per-position, so positions need no sequence order.
+  With soft targets ((ids, probs) `[n, num_heads, M]`, `soft_head_targets`) the CE is against them.
 
   With `draft_ids` `[Vd]` (a drafting vocabulary) the heads' softmax runs over those ids only, as
   decoding uses them: the vocab projection costs `Vd / vocab` of the full one. A target outside
   them has no logit: it adds no loss and counts as a miss in top-1/top-5."""
-  feats = heads.hidden(hidden)  # [K, n, e]
+  feats = heads.hidden(positions.hidden, path=positions.path, base=base)  # [K, n, e]
+  targets, valid, soft = positions.targets, positions.valid, positions.soft
   if draft_ids is None:
     project, scored = (lambda k, f: heads.project(k, f, base)), valid
   else:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medusa_jax.training.batches import PositionBatch, SequenceBatch
 from medusa_jax.training.config import TrainConfig
@@ -26,7 +27,7 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
   """Jitted `step(params, opt_state, base_state, batch) -> (params, opt_state, metrics)` and
   `evaluate(params, base_state, batch) -> metrics`. With `state_shardings` (of `(params,
   opt_state)`) the step returns its state in exactly those shardings (one compilation for the run)
-  and donates the state it was given.
+  and donates the state it was given; metrics come back replicated.
 
   `params` holds pure parameter dicts: `{"heads"}` (Medusa-1) or `{"heads", "backbone"}` (Medusa-2);
   `base_state` is the frozen original backbone. `batch`: a `SequenceBatch` (the backbone runs in
@@ -43,15 +44,13 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
         teacher = (teacher_distribution(frozen, hidden, draft_ids, h.teacher_top_k)
                    if h.teacher_top_k else None)
         batch = position_targets(hidden, batch.tokens, batch.mask, h.num_heads, teacher)
-      metrics = heads_loss(heads, frozen, batch.hidden, batch.targets, batch.valid, h.decay,
-                           cfg.optim.vocab_chunk, draft_ids, batch.soft)
+      metrics = heads_loss(heads, frozen, batch, h.decay, cfg.optim.vocab_chunk, draft_ids)
       return metrics.loss, metrics
     model = nnx.merge(base_graphdef, params["backbone"])
     hidden = backbone_hidden(model, batch.tokens)
     teacher_hidden = backbone_hidden(frozen, batch.tokens) if cfg.medusa2.lm_loss == "kl" else None
     pos = position_targets(hidden, batch.tokens, batch.mask, h.num_heads)
-    metrics = heads_loss(heads, model, pos.hidden, pos.targets, pos.valid, h.decay,
-                         cfg.optim.vocab_chunk, draft_ids)
+    metrics = heads_loss(heads, model, pos, h.decay, cfg.optim.vocab_chunk, draft_ids)
     lm_sum, lm_count = lm_loss(model, frozen, hidden, teacher_hidden, batch.tokens, batch.mask,
                                cfg.medusa2.lm_loss, cfg.optim.vocab_chunk)
     loss = lm_sum / jnp.maximum(lm_count, 1.0) + cfg.medusa2.heads_weight * metrics.loss
@@ -62,13 +61,12 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
-  if state_shardings is None:
-    step = jax.jit(step)
-  else:
-    step = jax.jit(step, out_shardings=(*state_shardings, None), donate_argnums=(0, 1))
-
-  @jax.jit
   def evaluate(params, base_state, batch):
     return loss_fn(params, base_state, batch)[1]
 
-  return step, evaluate
+  if state_shardings is None:
+    return jax.jit(step), jax.jit(evaluate)
+  # metrics replicated: every process can read them (`distributed.to_host`)
+  replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, PartitionSpec())
+  return (jax.jit(step, out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1)),
+          jax.jit(evaluate, out_shardings=replicated))

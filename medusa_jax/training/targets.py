@@ -63,9 +63,10 @@ def position_targets(hidden: jax.Array, tokens: jax.Array, mask: jax.Array, num_
   of `b * seq` positions; with `teacher` (`teacher_distribution` at every position, `[b, seq, M]`
   each) also its soft targets."""
   targets, valid = head_targets(tokens, mask, num_heads)
+  next_tokens = shift_left(tokens, 1)
   soft = (None, None)
   if teacher is not None:
     ids, probs = soft_head_targets(*teacher, jnp.ones(tokens.shape, bool), targets)
     soft = tuple(x.reshape((-1,) + x.shape[2:]) for x in (ids, probs))
-  return PositionBatch(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1, num_heads),
-                       valid.reshape(-1, num_heads), *soft)
+  return PositionBatch(hidden.reshape(-1, hidden.shape[-1]), next_tokens.reshape(-1),
+                       targets.reshape(-1, num_heads), valid.reshape(-1, num_heads), *soft)

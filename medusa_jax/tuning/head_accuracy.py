@@ -10,6 +10,8 @@ a given size that is right most often).
 Decoding does not visit every position, though: the next step starts where this one stopped, and
 steps stop at hard positions, so `expected_tokens_per_step` replays the tree along each answer
 (the per-position mean overstates it; the replay matches decoding's tokens per step).
+Hydra heads read the path's tokens: here the true ones, which are the drafted ones exactly where
+the path is right, so the ranks are those decoding sees.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def _ranks(state, heads_state, draft: DraftVocab | None, tokens: jax.Array, firs
   heads = nnx.merge(heads_graphdef, heads_state)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   hidden, _ = model.hidden_states(tokens, positions)
-  feats = heads.hidden(hidden)  # [K, b, L, e]
-  targets, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), heads.config.num_heads)
+  num_heads = heads.config.num_heads
+  path, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), num_heads, first_shift=1)
+  feats = heads.hidden(hidden, path=path, base=model)  # [K, b, L, e]; Hydra heads read the true path
+  targets, _ = head_targets(tokens, jnp.ones(tokens.shape, bool), num_heads)
   vocab = model.config.vocab_size
   if draft is not None:  # each target's slot among the draft ids (-1: not there)
     slot = jnp.full((vocab,), -1, jnp.int32).at[draft.ids].set(jnp.arange(len(draft.ids), dtype=jnp.int32))

@@ -58,9 +58,11 @@ def embedded_gguf_path() -> str:
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
-def default_heads(spec: str) -> str | None:
-  """The project's shipped heads for `spec` (the embedded model only), if they are present."""
-  path = os.path.join(ASSETS, EMBEDDED_MODEL, "heads")
+def default_heads(spec: str, *, medusa_type: bool = False) -> str | None:
+  """The project's shipped heads for `spec` (the embedded model only), if they are present: Hydra
+  heads for this project's decoding, or with `medusa_type` the Medusa heads that Medusa, TGI and
+  vLLM can load (trained on the same data)."""
+  path = os.path.join(ASSETS, EMBEDDED_MODEL, "heads-medusa" if medusa_type else "heads")
   return path if spec == EMBEDDED_MODEL and os.path.isdir(path) else None
 
 
