@@ -120,7 +120,7 @@ def test_hydra_heads_train_and_reload(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_heads.py"), TINY,
                          f"output_dir={out}", "heads.head_type=hydra", "cache_hidden=true",
                          "max_steps=30", "log_every=5", "eval_every=0"],
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   losses = [r["loss"] for r in _metrics(out)]
   assert losses[-1] < 0.6 * losses[0], losses
@@ -523,7 +523,7 @@ def test_empty_dataset(tmp_path):
 
 def test_cli_bad_key_one_line(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_heads.py"), TINY,
-                         "bogus.key=1"], capture_output=True, text=True, timeout=300)
+                         "bogus.key=1"], capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == ["error: unknown config key 'bogus.key'"]
 
@@ -566,7 +566,7 @@ def test_medusa2_starts_from_medusa1_heads(tmp_path):
   init = read_heads(str(tmp_path / "heads"), base)
   run = setup(_config(tmp_path / "run", "method=medusa2"), init_heads=init)
   jax.tree.map(np.testing.assert_array_equal, run.params["heads"], nnx.to_pure_dict(nnx.state(init)))
-  with pytest.raises(MedusaError, match="has 3 heads x 1 layers .* asks for 2 x 1"):
+  with pytest.raises(MedusaError, match="are 3 medusa heads x 1 layers .* asks for 2 medusa heads x 1"):
     setup(_config(tmp_path / "run", "num_heads=2"), init_heads=init)
   with pytest.raises(MedusaError, match="pass init_heads="):  # the command line reads heads.init
     setup(_config(tmp_path / "run", f"heads.init={tmp_path / 'heads'}"))

@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from medusa_jax.cli.common import main_guard, quiet_logs, require_positive
+from medusa_jax.cli.common import (
+  add_mesh_flag,
+  main_guard,
+  quiet_logs,
+  require_positive,
+)
 
 # Peak memory bandwidth in GB/s per device, by a substring of `jax.Device.device_kind` (first match).
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
@@ -47,6 +52,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth for the floor")
   p.add_argument("--json", action="store_true", help="one JSON object per row")
+  add_mesh_flag(p)
   args = p.parse_args(argv)
   quiet_logs()
   import jax
@@ -56,6 +62,7 @@ def main(argv=None):
   from medusa_jax.formats.layout import read_heads
   from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
   from medusa_jax.medusa.tree import MC_SIM_7B_63
+  from medusa_jax.model.sharding import parse_mesh
   from medusa_jax.tuning.step_timing import bytes_per_step, step_seconds
   from medusa_jax.weights.specs import load
 
@@ -68,7 +75,8 @@ def main(argv=None):
   model = loaded.model
   heads = (MedusaHeads.for_model(model, HeadsConfig(4, 1, share_lm_head=True)) if args.heads == "random"
            else read_heads(args.heads, model))
-  engine = Engine(model, loaded.tokenizer, heads=heads, tree=MC_SIM_7B_63[:1], name=loaded.name)
+  engine = Engine(model, loaded.tokenizer, heads=heads, tree=MC_SIM_7B_63[:1], name=loaded.name,
+                  mesh=parse_mesh(args.mesh) if args.mesh else None)
   trees = [_tree(t, heads.config.num_heads, model.config.vocab_size) for t in args.trees]
   device = jax.devices()[0].device_kind
   peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in device), None)

@@ -26,8 +26,8 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.formats import medusa as medusa_format
 from medusa_jax.formats.layout import read_heads
 from medusa_jax.medusa import draft_vocab
-from medusa_jax.training.checkpoints import trained_model
 from medusa_jax.training import distributed
+from medusa_jax.training.checkpoints import trained_model
 from medusa_jax.training.config import load_config
 from medusa_jax.training.loop import prepare_data, train
 from medusa_jax.weights import hf, specs

@@ -66,15 +66,15 @@ def write(path: str, heads: MedusaHeads, model: Llama, *, base_model: str,
   from safetensors.numpy import save_file
 
   c, m = heads.config, model.config
+  keep = draft_ids if zero_outside_draft and draft_ids is not None else None
   config = {"base_model_name_or_path": base_model, "medusa_num_heads": c.num_heads,
-            "medusa_num_layers": c.num_layers, "hidden_size": m.hidden_size,
-            "vocab_size": m.vocab_size, "share_lm_head": c.share_lm_head}
+            "medusa_num_layers": c.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+            "share_lm_head": c.share_lm_head and keep is None}  # zeroed rows: no longer the base's
   if c.head_type != "medusa":
     config["head_type"] = c.head_type
   if draft_ids is not None:
     draft_ids = draft_vocab.check(draft_ids, m.vocab_size)
   with atomic_dir(path, force=force) as tmp:
-    keep = draft_ids if zero_outside_draft and draft_ids is not None else None
     save_file(to_tensors(heads, model if lm_head_copies else None, keep), os.path.join(tmp, WEIGHTS))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)

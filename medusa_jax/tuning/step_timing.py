@@ -43,9 +43,10 @@ def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, hidden: ja
 def step_seconds(engine: Engine, tree: Tree | None, *, batch: int = 1, context: int = 256,
                  repeats: int = 20) -> float:
   """Seconds of one decode step of `engine` (plain when `tree` is None, else a Medusa step over
-  `tree`) for `batch` rows with `context` tokens cached: the fastest of `repeats` after a warm-up."""
+  `tree`) for `batch` rows with `context` tokens cached: the fastest of `repeats` after a warm-up
+  (on the engine's mesh, if it has one)."""
   size = 1 if tree is None else tree.size
-  cache = KVCache.init(engine.config, batch, -(-(context + size) // 64) * 64, engine.dtype)
+  cache = KVCache.init(engine.config, batch, -(-(context + size) // 64) * 64, engine.dtype, engine.mesh)
   cache = KVCache(cache.keys, cache.values, jnp.full((batch,), context, jnp.int32))
   root = jnp.zeros((batch,), jnp.int32)
   hidden = jnp.zeros((batch, engine.config.hidden_size), engine.dtype)
