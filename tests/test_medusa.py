@@ -13,9 +13,9 @@ from flax import nnx
 
 from medusa_jax.decode.acceptance import accept
 from medusa_jax.decode.engine import Engine
-from medusa_jax.decode.medusa import keep_path, tree_forward
 from medusa_jax.decode.plain import prefill
 from medusa_jax.decode.sampling import SamplingParams, sampling_logits
+from medusa_jax.decode.speculative import keep_path, tree_forward
 from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
 from medusa_jax.medusa.tree import get_tree
 from medusa_jax.model.config import preset

@@ -1,6 +1,13 @@
-"""Baseline vs Medusa on every prompt of a file, same settings, after warm-up.
+"""Baseline vs Medusa (or another drafter) on every prompt of a file, same settings, after warm-up.
 
     python infer/benchmark.py --prompts prompts.jsonl --heads DIR --out results.json --plot speed.png
+    python infer/benchmark.py --prompts prompts.jsonl --modes medusa lookup hybrid --lookup 4
+
+`--modes`: the speculative variants timed against the same baseline runs, each prompt in turn:
+`medusa` (the heads' tree), `lookup` (prompt lookup, `--draft-tokens`, `--ngram`), `hybrid` (the
+heads' tree plus a lookup chain of `--lookup` tokens, default `--draft-tokens`). The `medusa_*`
+fields of the results are the variant's; the top-level tables are the first variant's, and
+`modes` holds each one's.
 
 Multi-turn prompts (MT-bench `turns`): each next turn follows the model's own previous answer.
 Prints a table per category and overall: mean accepted tokens (tokens per Medusa step), tokens/s
@@ -32,6 +39,7 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
+VARIANTS = ("medusa", "lookup", "hybrid")
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
         "identical_fraction", "step_cost_ratio")
 
@@ -67,6 +75,8 @@ def main(argv=None):
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--max-prompts", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
+  p.add_argument("--modes", nargs="+", choices=VARIANTS, default=["medusa"],
+                 help="speculative variants to time against the baseline (module docstring)")
   add_generation_flags(p)
   add_mesh_flag(p)
   p.add_argument("--dtype", default="float32")
@@ -107,7 +117,8 @@ def main(argv=None):
   convs = load_conversations(args.prompts)[: args.max_prompts]
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab, mesh=args.mesh)
-  engine.resolve_mode("medusa")  # a clear error when no heads are loaded
+  if set(args.modes) != {"lookup"} or args.heads_accuracy:
+    engine.resolve_mode("medusa")  # a clear error when no heads are loaded
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:
@@ -115,11 +126,12 @@ def main(argv=None):
     return
   # At temperature > 0 the two modes draw different samples, so identical_fraction says nothing.
   config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
+  variants = {m: _variant(config, m) for m in args.modes}
   warm = engine.encode(convs[0].user_turns[0])
-  for mode in ("baseline", "medusa"):  # warm-up: compile both programs before timing
-    engine.generate_ids([warm] * args.batch_size, config, mode=mode)
+  for c in [config.replace(mode="baseline"), *variants.values()]:  # warm-up: compile before timing
+    engine.generate_ids([warm] * args.batch_size, c)
 
-  rows = []
+  rows = {m: [] for m in variants}
   histories = [[] for _ in convs]
   turns = max(len(c.user_turns) for c in convs)
   bar = tqdm(total=sum(len(c.user_turns) for c in convs), desc="benchmark", unit="turn")
@@ -132,38 +144,57 @@ def main(argv=None):
       pad = args.batch_size - len(ids)
       ids_padded = ids + [ids[-1]] * pad
       base = engine.generate_ids(ids_padded, config, mode="baseline")
-      med = engine.generate_ids(ids_padded, config, mode="medusa")
+      outs = {m: engine.generate_ids(ids_padded, c) for m, c in variants.items()}
       share = len(ids) / len(ids_padded)
       for j, i in enumerate(idx):
-        b_n, m_n = int(base.num_tokens[j]), int(med.num_tokens[j])
-        answer = engine.tokenizer.decode([int(x) for x in med.tokens[j][:m_n]], skip_special_tokens=True)
+        for m, med in outs.items():
+          b_n, m_n = int(base.num_tokens[j]), int(med.num_tokens[j])
+          rows[m].append({
+              "prompt": convs[i].user_turns[t], "category": convs[i].category, "turn": t,
+              "baseline_tokens": b_n, "medusa_tokens": m_n, "medusa_steps": int(med.steps[j]),
+              "baseline_seconds": base.seconds * share / len(idx),
+              "medusa_seconds": med.seconds * share / len(idx),
+              "identical": bool(b_n == m_n and (base.tokens[j][:b_n] == med.tokens[j][:m_n]).all()),
+          })
+        first = outs[args.modes[0]]
+        answer = engine.tokenizer.decode([int(x) for x in first.tokens[j][:int(first.num_tokens[j])]],
+                                         skip_special_tokens=True)
         histories[i] = msgs[j] + [{"role": "assistant", "content": answer}]
-        rows.append({
-            "prompt": convs[i].user_turns[t], "category": convs[i].category, "turn": t,
-            "baseline_tokens": b_n, "medusa_tokens": m_n, "medusa_steps": int(med.steps[j]),
-            "baseline_seconds": base.seconds * share / len(idx),
-            "medusa_seconds": med.seconds * share / len(idx),
-            "identical": bool(b_n == m_n and (base.tokens[j][:b_n] == med.tokens[j][:m_n]).all()),
-        })
       bar.update(len(idx))
   bar.close()
 
-  categories = sorted({r["category"] for r in rows})
-  result = {"overall": summarize(rows),
-            "categories": {c: summarize([r for r in rows if r["category"] == c]) for c in categories},
+  tables = {m: _tables(r) for m, r in rows.items()}
+  result = {**tables[args.modes[0]],
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-            "tree_size": engine.tree.size, "tree": [list(p) for p in engine.tree.paths],
-            "prompts": rows}
+            "tree_size": engine.tree.size if engine.tree else None,
+            "tree": [list(p) for p in engine.tree.paths] if engine.tree else None,
+            "modes": tables, "prompts": rows[args.modes[0]]}
   if accuracy:
     result["heads_accuracy"] = accuracy
-  header = f"{'category':<24}" + "".join(f"{k:>28}" for k in KEYS)
-  print(header)
-  for name, s in [*result["categories"].items(), ("overall", result["overall"])]:
-    print(f"{name:<24}" + "".join(f"{s[k]:>28.3f}" for k in KEYS))
+  for m, table in tables.items():
+    if len(tables) > 1:
+      print(f"[{m}]")
+    print(f"{'category':<24}" + "".join(f"{k:>28}" for k in KEYS))
+    for name, s in [*table["categories"].items(), ("overall", table["overall"])]:
+      print(f"{name:<24}" + "".join(f"{s[k]:>28.3f}" for k in KEYS))
   if args.out:
     write_json(args.out, result, indent=2)
   if args.plot:
     _plot(result, args.plot)
+
+
+def _variant(config, mode: str):
+  """The `GenerationConfig` of a `--modes` variant."""
+  if mode == "lookup":
+    return config.replace(mode="lookup", lookup=0)
+  return config.replace(mode="medusa", lookup=0 if mode == "medusa" else config.lookup or config.draft_tokens)
+
+
+def _tables(rows: list[dict]) -> dict:
+  """{"overall": ..., "categories": {name: ...}} of one variant's rows (`summarize`)."""
+  categories = sorted({r["category"] for r in rows})
+  return {"overall": summarize(rows),
+          "categories": {c: summarize([r for r in rows if r["category"] == c]) for c in categories}}
 
 
 def _heads_accuracy(engine, convs, args) -> dict:

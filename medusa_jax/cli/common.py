@@ -31,7 +31,8 @@ def require_positive(args, *names: str) -> None:
 
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
   """`--max-new-tokens`, `--temperature`, `--top-p`, `--acceptance`, `--posterior-threshold`,
-  `--posterior-alpha`, `--seed`, with `GenerationConfig`'s defaults."""
+  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--ngram`, `--lookup`, with
+  `GenerationConfig`'s defaults."""
   p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
   p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
@@ -43,6 +44,12 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
   p.add_argument("--posterior-alpha", type=float, default=_DEFAULTS.posterior_alpha,
                  help="typical acceptance delta")
   p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+  p.add_argument("--draft-tokens", type=int, default=_DEFAULTS.draft_tokens,
+                 help="--mode lookup: tokens proposed per step")
+  p.add_argument("--ngram", type=int, default=_DEFAULTS.ngram,
+                 help="prompt lookup matches the last N..1 tokens")
+  p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
+                 help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree (0: off)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -58,7 +65,9 @@ def generation_config(args, **changes) -> GenerationConfig:
   return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, acceptance=args.acceptance,
                           posterior_threshold=args.posterior_threshold,
-                          posterior_alpha=args.posterior_alpha, seed=args.seed).replace(**changes)
+                          posterior_alpha=args.posterior_alpha, seed=args.seed,
+                          draft_tokens=args.draft_tokens, ngram=args.ngram,
+                          lookup=args.lookup).replace(**changes)
 
 
 def main_guard(fn):

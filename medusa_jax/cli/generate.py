@@ -32,7 +32,7 @@ def parse_args(argv=None):
   p.add_argument("--heads", default="default",
                  help="Medusa heads directory; 'default' = shipped heads of the embedded model; 'none'")
   p.add_argument("--mode", choices=MODES, default="auto",
-                 help="auto = medusa when heads are loaded, else baseline")
+                 help="auto = medusa when heads are loaded, else baseline; lookup = prompt lookup")
   p.add_argument("--tree", default=None, help="tree name (mc_sim_7b_63, vicuna_7b_stage2, chain1..5), a JSON list of paths, or a .json file of them")
   p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "

@@ -10,13 +10,15 @@ from medusa_jax.decode.acceptance import Rule, TypicalParams
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.errors import MedusaError
 
-MODES = ("auto", "medusa", "baseline")
+MODES = ("auto", "medusa", "baseline", "lookup")
 ACCEPTANCES = ("lossless", "typical")
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-  """How to generate. `mode`: "medusa", "baseline", or "auto" (Medusa when heads are loaded).
+  """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
+  tokens after the latest earlier match of the last `ngram`..1 tokens), or "auto" (Medusa when
+  heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree.
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
   `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`
@@ -30,10 +32,16 @@ class GenerationConfig:
   posterior_threshold: float = 0.09
   posterior_alpha: float = 0.3
   seed: int = 0
+  draft_tokens: int = 4
+  ngram: int = 3
+  lookup: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise MedusaError(f"unknown mode {self.mode!r}; use medusa, baseline or auto")
+      raise MedusaError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+    if self.draft_tokens < 1 or self.ngram < 1 or self.lookup < 0:
+      raise MedusaError(f"draft_tokens and ngram must be >= 1 and lookup >= 0, got "
+                        f"{self.draft_tokens}, {self.ngram}, {self.lookup}")
     if self.acceptance not in ACCEPTANCES:
       raise MedusaError(f"unknown acceptance {self.acceptance!r}; use lossless or typical")
     if self.max_new_tokens < 1:
@@ -46,7 +54,7 @@ class GenerationConfig:
       raise MedusaError(f"posterior_threshold and posterior_alpha must be >= 0, got "
                         f"{self.posterior_threshold}, {self.posterior_alpha}")
 
-  def replace(self, **changes) -> "GenerationConfig":
+  def replace(self, **changes) -> GenerationConfig:
     """A copy with `changes` (checked like a new config); an unknown setting is a one-line error."""
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
     if unknown:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.medusa import medusa_generate
+from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter
 from medusa_jax.decode.plain import baseline_generate
+from medusa_jax.decode.speculative import speculative_generate
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DraftVocab
 from medusa_jax.medusa.heads import MedusaHeads
@@ -169,10 +171,18 @@ class Engine:
     if mode == "auto":
       return "medusa" if self.heads_graphdef is not None else "baseline"
     if mode not in MODES:
-      raise MedusaError(f"unknown mode {mode!r}; use medusa, baseline or auto")
+      raise MedusaError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "medusa" and self.heads_graphdef is None:
       raise MedusaError("mode medusa needs Medusa heads (load some with heads=...)")
     return mode
+
+  def drafter(self, mode: str, config: GenerationConfig):
+    """(the drafter of a speculative `mode` (`drafters.py`), its params) under `config`."""
+    lookup = LookupDrafter(config.lookup or config.draft_tokens, config.ngram)
+    if mode == "lookup":
+      return lookup, None
+    heads = HeadsDrafter(self.heads_graphdef, self.tree)
+    return (HybridDrafter(heads, lookup) if config.lookup else heads), (self.heads_state, self.draft)
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
                    **settings) -> GenerationResult:
@@ -182,20 +192,20 @@ class Engine:
     config = (config or GenerationConfig()).replace(**settings)
     mode = self.resolve_mode(config.mode)
     max_new_tokens = config.max_new_tokens
-    extra = self.tree.size if mode == "medusa" else 1
-    length = self._check_lengths(prompts, max_new_tokens, extra if mode == "medusa" else 0)
+    drafter, params = self.drafter(mode, config) if mode != "baseline" else (None, None)
+    extra = drafter.tree.size if drafter else 0
+    length = self._check_lengths(prompts, max_new_tokens, extra)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)
-    cache_len = -(-(length + max_new_tokens + extra) // 64) * 64
+    cache_len = -(-(length + max_new_tokens + max(extra, 1)) // 64) * 64
     args = (self._place(tokens), self._place(lens), self._place(np.asarray(jax.random.PRNGKey(config.seed)), False),
             self.eos_ids)
     common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
                   cache_dtype=self.dtype)
-    if mode == "baseline":
+    if drafter is None:
       out, seconds = self._call(baseline_generate, self.state, *args, sampling=config.sampling, **common)
     else:
-      out, seconds = self._call(medusa_generate, self.state, self.heads_state, self.draft, *args,
-                                heads_graphdef=self.heads_graphdef, tree=self.tree, rule=config.rule,
-                                **common)
+      out, seconds = self._call(speculative_generate, self.state, params, *args, drafter=drafter,
+                                rule=config.rule, **common)
     return GenerationResult(np.asarray(out.tokens), np.asarray(out.num_tokens), np.asarray(out.steps),
                             seconds)
 

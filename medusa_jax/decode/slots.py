@@ -19,10 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from medusa_jax.decode.acceptance import accept
 from medusa_jax.decode.coupled import RowSettings, target_logits
-from medusa_jax.decode.medusa import keep_path, tree_forward
+from medusa_jax.decode.drafters import DraftContext, HeadsDrafter
 from medusa_jax.decode.plain import Emitted, prefill
+from medusa_jax.decode.speculative import speculative_step
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.kv_cache import KVCache
@@ -40,7 +40,7 @@ class Slots:
   done: jax.Array          # `[slots]` bool: finished, or a free slot
 
   @classmethod
-  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None) -> "Slots":
+  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None) -> Slots:
     """Free slots; on `mesh` the KV cache is sharded as `KVCache.init` shards it."""
     def zeros(dtype=jnp.int32):  # a buffer each: the chunk donates them all
       return jnp.zeros((slots,), dtype)
@@ -111,13 +111,9 @@ def _plain_step(model, cache: KVCache, root, rows: RowSettings):
   return nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0]
 
 
-def _tree_step(model, heads, cache: KVCache, root, hidden, rows: RowSettings, tree: Tree, draft):
-  tokens = heads.draft_tree(model, hidden, root, tree, draft)
-  positions, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
-  target = target_logits(logits, positions + 1, rows)
-  path, accepted, last, bonus = accept(tokens, target, tree, None, jax.random.PRNGKey(0))
-  emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
-  return emitted, n, cache, bonus, last_hidden
+def _tree_step(model, drafter: HeadsDrafter, params, cache: KVCache, root, hidden, rows: RowSettings):
+  return speculative_step(model, drafter, params, cache, DraftContext.without_history(root, hidden),
+                          jax.random.PRNGKey(0), None, functools.partial(target_logits, rows=rows))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
@@ -130,7 +126,7 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
   writes: `steps * (depth + 1) + tree.size`). Returns (slots, emitted tokens
   `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  heads = None if tree is None else nnx.merge(heads_graphdef, heads_state)
+  drafter = None if tree is None else HeadsDrafter(heads_graphdef, tree)
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)
   emitted = Emitted(jnp.zeros((bucket, width + (1 if tree is None else tree.depth + 1)), jnp.int32),
@@ -141,7 +137,8 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
     if tree is None:
       new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
     else:
-      new, n, cache, root, hidden = _tree_step(model, heads, s.cache, s.root, s.hidden, s.rows, tree, draft)
+      new, n, cache, root, hidden = _tree_step(model, drafter, (heads_state, draft), s.cache, s.root,
+                                               s.hidden, s.rows)
     done = out.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
     keep = done[:, None]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -102,6 +102,16 @@ class Tree:
   @functools.cached_property
   def _index(self) -> dict[Path, int]:
     return {p: i + 1 for i, p in enumerate(self.paths)} | {(): 0}
+
+  def nodes(self, paths: Sequence[Path]) -> np.ndarray:
+    """`[len(paths)]` node index of each path (the root is `()`)."""
+    return np.asarray([self._index[tuple(p)] for p in paths], np.int32)
+
+  def with_chain(self, length: int) -> Tree:
+    """This tree plus a chain of `length` nodes under the root, after the root's other children:
+    paths `(r,), (r, 0), ...` with `r = topk` (a rank no head fills; another drafter fills them)."""
+    r = self.topk
+    return Tree(self.paths + tuple((r,) + (0,) * d for d in range(length)))
 
   @functools.cached_property
   def parents(self) -> np.ndarray:

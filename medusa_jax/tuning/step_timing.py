@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medusa_jax.decode.drafters import DraftContext, HeadsDrafter
 from medusa_jax.decode.engine import Engine
-from medusa_jax.decode.medusa import medusa_step
 from medusa_jax.decode.plain import decode_step
 from medusa_jax.decode.sampling import SamplingParams
+from medusa_jax.decode.speculative import speculative_step
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.kv_cache import KVCache
 
@@ -35,8 +36,8 @@ def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, hidden: ja
   if tree is None:
     _, new = decode_step(model, cache, root, key, SamplingParams())
   else:
-    new = medusa_step(model, nnx.merge(heads_graphdef, heads_state), cache, root, hidden, tree, key,
-                      None, draft)[2]
+    new = speculative_step(model, HeadsDrafter(heads_graphdef, tree), (heads_state, draft), cache,
+                           DraftContext.without_history(root, hidden), key, None)[2]
   return KVCache(new.keys, new.values, cache.lengths)
 
 

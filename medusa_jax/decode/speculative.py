@@ -1,12 +1,12 @@
-"""Medusa tree decoding: one jitted `jax.lax.while_loop`, static shapes, batch > 1.
+"""Speculative (tree) decoding: one jitted `jax.lax.while_loop`, static shapes, batch > 1.
 
-Each step, per row: (1) the tree's tokens from the root (last emitted token) and the heads' guesses
-at the last accepted position (`MedusaHeads.draft_tree`: top-k per head, or depth by depth for
-Hydra heads); (2) one forward over all tree tokens with the tree mask, their
+Each step, per row: (1) the drafter's tree of tokens from the root (the last emitted token;
+`drafters.py`: Medusa or Hydra heads' guesses at the last accepted position, prompt lookup, or
+both); (2) one forward over all tree tokens with the tree mask, their
 K/V written after the row's prefix; (3) acceptance on the device; (4) the accepted path's K/V moved
 to contiguous positions; the accepted tokens plus one bonus token (from the base logits at the
-last accepted node) emitted; the hidden state there seeds the next step's guesses (over the heads'
-drafting vocabulary, `draft_vocab.py`), with no extra forward.
+last accepted node) emitted; the hidden state there seeds the next step's head guesses, with no
+extra forward.
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.acceptance import Rule, accept, first_token
+from medusa_jax.decode.drafters import DraftContext, Drafter
 from medusa_jax.decode.plain import DecodeOutput, Emitted, prefill
-from medusa_jax.medusa.draft_vocab import DraftVocab
-from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
 
 
 def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: Tree):
-  """The tree's tokens `[batch, T]` (`MedusaHeads.draft_tree`) through the model in one forward,
+  """The tree's tokens `[batch, T]` (a drafter's proposal) through the model in one forward,
   their K/V written after each row's prefix. Returns (positions `[batch, T]`, float32 logits
   `[batch, T, vocab]`, hidden states `[batch, T, embed]`, cache)."""
   positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
@@ -51,16 +50,20 @@ def keep_path(tokens: jax.Array, node_hidden: jax.Array, cache: KVCache, path: j
   return emitted, accepted + 1, cache.commit_path(path, accepted + 1), last_hidden
 
 
-def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Array, hidden: jax.Array,
-                tree: Tree, key: jax.Array, rule: Rule, draft: DraftVocab | None = None):
-  """One tree step under the acceptance `rule`, its candidates the heads' guesses at `hidden`
-  `[batch, embed]` (the last accepted position's hidden state) over the drafting vocabulary
-  `draft`. Returns (emitted `[batch, depth + 1]`, emitted count `[batch]`, the cache with the
-  accepted path committed, next root `[batch]`, the hidden state the next step's heads read
-  `[batch, embed]`). One vocab matmul over every tree node gives the logits for acceptance and
-  the bonus token."""
-  tokens = heads.draft_tree(model, hidden, root, tree, draft)
-  _, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
+def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext,
+                     key: jax.Array, rule: Rule, target=None):
+  """One step under the acceptance `rule`: the drafter's tree of candidates (`drafters.py`), one
+  forward over it, acceptance, compaction. `target(logits, positions)`, when given, maps the
+  logits `[batch, T, vocab]` predicting `positions` `[batch, T]` to those acceptance reads (the
+  server's per-row sampling, `coupled.target_logits`). Returns (emitted `[batch, depth + 1]`,
+  emitted count `[batch]`, the cache with the accepted path committed, the next root `[batch]`,
+  the hidden state at the last accepted node `[batch, embed]`). One vocab matmul over every tree
+  node gives the logits for acceptance and the bonus token."""
+  tree = drafter.tree
+  tokens = drafter.propose(params, model, ctx)
+  positions, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
+  if target is not None:
+    logits = target(logits, positions + 1)
   path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)
   emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
   return emitted, n, cache, bonus, last_hidden
@@ -70,26 +73,24 @@ def medusa_step(model: Llama, heads: MedusaHeads, cache: KVCache, root: jax.Arra
 @dataclasses.dataclass(frozen=True)
 class _Carry:
   cache: KVCache
-  root: jax.Array   # `[batch]` the token emitted last: the next tree's root
-  hidden: jax.Array  # `[batch, embed]` the hidden state at the last accepted position (heads read it)
+  ctx: DraftContext
   emitted: Emitted
   steps: jax.Array  # `[batch]` forward passes of each row until it was done
   key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "max_new_tokens",
-                                             "cache_len", "rule", "pad_id", "cache_dtype", "mesh"))
-def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab | None,
-                    tokens: jax.Array, prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *,
-                    graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef, tree: Tree, max_new_tokens: int,
-                    cache_len: int, rule: Rule, pad_id: int,
-                    cache_dtype=jnp.float32, mesh: Mesh | None = None) -> DecodeOutput:
-  """Medusa decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`) under the
-  acceptance `rule` (None: greedy; `acceptance.py`); the heads draft from `draft` (None: the whole
-  vocabulary). `cache_len` must be at least P + max_new_tokens + tree.size. On `mesh` the KV cache
-  is sharded as the weights are (`KVCache.init`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "drafter", "max_new_tokens", "cache_len", "rule",
+                                             "pad_id", "cache_dtype", "mesh"))
+def speculative_generate(state: nnx.State, params, tokens: jax.Array, prompt_lens: jax.Array,
+                         key: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef, drafter: Drafter,
+                         max_new_tokens: int, cache_len: int, rule: Rule, pad_id: int,
+                         cache_dtype=jnp.float32, mesh: Mesh | None = None) -> DecodeOutput:
+  """Speculative decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`): `drafter`
+  proposes (with its `params`), the base model verifies under the acceptance `rule` (None:
+  greedy; `acceptance.py`). `cache_len` must be at least P + max_new_tokens + drafter.tree.size.
+  On `mesh` the KV cache is sharded as the weights are (`KVCache.init`)."""
   model = nnx.merge(graphdef, state)
-  heads = nnx.merge(heads_graphdef, heads_state)
+  tree = drafter.tree
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)
   logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
@@ -98,16 +99,16 @@ def medusa_generate(state: nnx.State, heads_state: nnx.State, draft: DraftVocab 
   ones = jnp.ones((batch,), jnp.int32)
   emitted = Emitted.init(batch, max_new_tokens, tree.depth + 1, pad_id).record(
       root[:, None], ones, eos_ids, max_new_tokens)
+  ctx = DraftContext.start(tokens, prompt_lens, root, hidden, tokens.shape[1] + max_new_tokens + tree.depth + 2)
 
   def body(c: _Carry) -> _Carry:
     key, sub = jax.random.split(c.key)
-    new, n, cache, root, hidden = medusa_step(model, heads, c.cache, c.root, c.hidden, tree, sub, rule, draft)
+    new, n, cache, root, hidden = speculative_step(model, drafter, params, c.cache, c.ctx, sub, rule)
     done = c.emitted.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, c.cache.lengths, cache.lengths))
-    return _Carry(cache, root, hidden, c.emitted.record(new, n, eos_ids, max_new_tokens),
+    return _Carry(cache, c.ctx.advance(new, n, root, hidden, done), c.emitted.record(new, n, eos_ids, max_new_tokens),
                   c.steps + (~done).astype(jnp.int32), key)
 
-  start = _Carry(cache, root, hidden, emitted, ones, key)
-  end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body, start)
+  end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body, _Carry(cache, ctx, emitted, ones, key))
   return DecodeOutput(tokens=end.emitted.tokens[:, :max_new_tokens], num_tokens=end.emitted.count,
                       steps=end.steps)

@@ -1,0 +1,112 @@
+"""Drafters behind the shared verifier: prompt lookup on hand-built sequences, the grafted
+Medusa + lookup tree's buffers, and greedy output identical to plain greedy decoding."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter
+from medusa_jax.decode.engine import Engine
+from medusa_jax.decode.lookup import lookup_continuation
+from medusa_jax.errors import MedusaError
+from medusa_jax.medusa.tree import Tree
+from medusa_jax.model.config import preset
+from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.weights.specs import random_model
+from tests.test_medusa import random_heads
+
+
+def _lookup(rows, k=3, n=3, size=16):
+  history = np.zeros((len(rows), size), np.int32)
+  for i, r in enumerate(rows):
+    history[i, :len(r)] = r
+  tokens, valid = lookup_continuation(jnp.asarray(history), jnp.asarray([len(r) for r in rows]), k, n)
+  return np.asarray(tokens).tolist(), np.asarray(valid).tolist()
+
+
+def test_lookup_proposes_what_followed_the_latest_longest_match():
+  tokens, valid = _lookup([
+      [5, 6, 7, 8],                 # no earlier occurrence of 8: nothing
+      [1, 2, 9, 1, 2, 4, 1, 2],     # "1 2" twice before: the latest (followed by 4 1 2)
+      [3, 1, 2, 7, 7, 2, 5, 1, 2],  # "1 2" (n=2) beats the later "2" (n=1): 7 7 2
+      [4, 9, 4, 9, 4],              # overlapping match ending at the last-but-one position
+      [6, 8, 3, 6, 8],              # continuation runs into the end: 3 6 8, all inside
+      [2, 5, 2],                    # n=1 only: 5 2, then the end of the history
+  ])
+  assert tokens == [[0, 0, 0], [4, 1, 2], [7, 7, 2], [9, 4, 0], [3, 6, 8], [5, 2, 0]]
+  assert valid == [0, 3, 3, 2, 3, 2]
+
+
+def test_lookup_ngram_limit_and_trigram_preference():
+  # bigram "1 2" occurs early (followed by 3); the trigram "0 1 2" later (followed by 8)
+  rows = [[0, 1, 2, 3, 9, 9, 0, 1, 2, 8, 5, 0, 1, 2]]
+  assert _lookup(rows, k=2, n=3)[0] == [[8, 5]]
+  assert _lookup(rows, k=2, n=1)[0] == [[8, 5]]  # the latest "2" is the same one
+  rows = [[7, 1, 2, 3, 5, 1, 2, 6, 4, 7, 1, 2]]
+  assert _lookup(rows, k=1, n=3)[0] == [[3]]  # "7 1 2" (n=3) over the later "1 2" -> 6
+  assert _lookup(rows, k=1, n=2)[0] == [[6]]
+
+
+def test_grafted_tree_buffers():
+  heads_tree = Tree([(0,), (1,), (0, 0)])
+  hybrid = HybridDrafter(HeadsDrafter(None, heads_tree), LookupDrafter(3))
+  t = hybrid.tree
+  # nodes by (depth, path): 1:(0,) 2:(1,) 3:(2,) 4:(0,0) 5:(2,0) 6:(2,0,0); the chain's rank is 2
+  assert t.paths == ((0,), (1,), (2,), (0, 0), (2, 0), (2, 0, 0))
+  assert t.parents.tolist() == [-1, 0, 0, 0, 1, 3, 5]
+  assert t.depths.tolist() == [0, 1, 1, 1, 2, 2, 3]
+  heads_nodes, chain_nodes = hybrid._nodes
+  assert heads_nodes.tolist() == [0, 1, 2, 4] and chain_nodes.tolist() == [3, 5, 6]
+  assert t.retrieve.tolist() == [[0, 2, 0, 0], [0, 1, 4, 0], [0, 3, 5, 6]]
+  assert t.earlier_siblings[3].tolist() == [False, True, True, False, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = random_model(preset("tiny"), seed=3)
+  engine = Engine(model, ByteTokenizer(), heads=random_heads(model), tree=[(0,), (1,), (0, 0), (0, 0, 0)],
+                  max_cache_len=1024)
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)  # never stop early
+  return engine
+
+
+def _prompts(lengths, seed=5):
+  """Prompts with repeats inside (lookup then has matches to propose)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for n in lengths:
+    motif = list(rng.integers(3, 500, size=4))
+    out.append((motif + list(rng.integers(3, 500, size=3))) * (n // 7) + motif[: n % 7])
+  return out
+
+
+@pytest.mark.parametrize("lengths", [[23], [9, 30, 15, 44]])
+@pytest.mark.parametrize("settings", [dict(mode="lookup", draft_tokens=4, ngram=3),
+                                      dict(mode="lookup", draft_tokens=1, ngram=1),
+                                      dict(mode="medusa", lookup=5, ngram=2)])
+def test_greedy_output_equals_the_baseline(tiny, lengths, settings):
+  prompts = _prompts(lengths)
+  base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=40, mode="baseline")
+  out, n, steps, _ = tiny.generate_ids(prompts, max_new_tokens=40, **settings)
+  np.testing.assert_array_equal(n, base_n)
+  np.testing.assert_array_equal(out, base)
+  assert (steps <= n).all() and (steps >= 1).all()
+
+
+def test_lookup_accepts_the_repeated_text(tiny):
+  """Greedy decoding of a tiny random model falls into a loop; once it has, lookup proposes the
+  loop and each step emits draft_tokens + 1 tokens."""
+  prompts = _prompts([20])
+  base, _, _, _ = tiny.generate_ids(prompts, max_new_tokens=200, mode="baseline")
+  out, n_l, steps, _ = tiny.generate_ids(prompts, max_new_tokens=200, mode="lookup", draft_tokens=4)
+  np.testing.assert_array_equal(out, base)
+  assert n_l[0] / steps[0] > 1.5
+
+
+@pytest.mark.parametrize("bad,match", [(dict(draft_tokens=0), "draft_tokens"), (dict(ngram=0), "ngram"),
+                                       (dict(lookup=-1), "lookup"), (dict(mode="nope"), "unknown mode")])
+def test_bad_settings_are_one_line_errors(tiny, bad, match):
+  with pytest.raises(MedusaError, match=match):
+    tiny.generate_ids([[3, 4]], max_new_tokens=4, **bad)
