@@ -20,7 +20,7 @@ from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None,
          dtype: str = "float32", max_cache_len: int | None = None, seed: int = 0,
-         draft_vocab: int = _DRAFT_VOCAB_SIZE, mesh=None) -> Engine:
+         draft_vocab: int = _DRAFT_VOCAB_SIZE, mesh=None, draft_model: str | None = None) -> Engine:
   """Loads a model spec (see `medusa_jax.weights.specs`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
@@ -30,7 +30,8 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   the heads directory's `draft_vocab.json` (0, or no such file: the whole vocabulary; see
   `medusa_jax.medusa.draft_vocab`). `mesh`: run sharded over a `jax.sharding.Mesh` with axes
   (data, fsdp, tensor) or one given as text, `"data=2,tensor=4"` (tensor-parallel weights and KV
-  cache, data-parallel rows; `Engine`).
+  cache, data-parallel rows; `Engine`). `draft_model`: what `mode="draft"` drafts with, "self:L"
+  (this model's first L layers) or a model spec with the same tokenizer.
   """
   from medusa_jax.formats.layout import read_heads
   from medusa_jax.medusa import draft_vocab as draft_file
@@ -45,9 +46,15 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   if medusa_heads is not None:
     engine_tree = tree or default_tree(heads_path, medusa_heads.config.num_heads)
     ids = draft_file.read(heads_path, draft_vocab)
-  return Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
-                name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids,
-                mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh)
+  engine = Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
+                  name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids,
+                  mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh)
+  if draft_model and not draft_model.startswith("self:"):
+    drafter = specs.load(draft_model, dtype=dtype, seed=seed)
+    engine.set_draft_model(drafter.model, drafter.tokenizer)
+  else:
+    engine.set_draft_model(draft_model)
+  return engine
 
 
 __all__ = ["Engine", "Generation", "GenerationConfig", "GenerationResult", "MedusaError",

@@ -110,3 +110,123 @@ def test_lookup_accepts_the_repeated_text(tiny):
 def test_bad_settings_are_one_line_errors(tiny, bad, match):
   with pytest.raises(MedusaError, match=match):
     tiny.generate_ids([[3, 4]], max_new_tokens=4, **bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_draft():
+  """The tiny engine with a separate random draft model (another seed: a poor drafter)."""
+  model = random_model(preset("tiny"), seed=3)
+  engine = Engine(model, ByteTokenizer(), max_cache_len=1024)
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)
+  return engine
+
+
+@pytest.mark.parametrize("lengths", [[23], [9, 30, 15, 44]])
+@pytest.mark.parametrize("draft,k", [("self:1", 3), ("other", 4), ("same", 2)])
+def test_draft_model_greedy_equals_the_baseline(tiny_draft, lengths, draft, k):
+  tiny_draft.set_draft_model(random_model(preset("tiny"), seed={"other": 9, "same": 3}[draft])
+                             if draft != "self:1" else draft, ByteTokenizer())
+  prompts = _prompts(lengths)
+  base, base_n, _, _ = tiny_draft.generate_ids(prompts, max_new_tokens=40, mode="baseline")
+  out, n, steps, _ = tiny_draft.generate_ids(prompts, max_new_tokens=40, mode="draft", draft_tokens=k)
+  np.testing.assert_array_equal(n, base_n)
+  np.testing.assert_array_equal(out, base)
+  if draft == "same":  # the target drafting for itself: every step accepts all K and adds one
+    np.testing.assert_array_equal(steps, 1 + -(-(n - 1) // (k + 1)))
+
+
+def test_self_draft_with_every_layer_is_the_target(tiny_draft):
+  layers = tiny_draft.config.num_layers
+  tiny_draft.set_draft_model(f"self:{layers}")
+  out, n, steps, _ = tiny_draft.generate_ids(_prompts([12]), max_new_tokens=31, mode="draft", draft_tokens=4)
+  assert steps[0] == 1 + 30 // 5
+
+
+def test_bad_draft_models_are_one_line_errors(tiny_draft):
+  layers = tiny_draft.config.num_layers
+  for bad, match in [(f"self:{layers + 1}", "L must be in"), ("self:0", "L must be in"),
+                     ("selfish", "a draft model is self:L")]:
+    with pytest.raises(MedusaError, match=match):
+      tiny_draft.set_draft_model(bad)
+  import dataclasses
+  other = random_model(dataclasses.replace(preset("tiny"), vocab_size=300), seed=1)
+  with pytest.raises(MedusaError, match="vocabulary"):
+    tiny_draft.set_draft_model(other)
+  tiny_draft.set_draft_model(None)
+  with pytest.raises(MedusaError, match="needs a draft model"):
+    tiny_draft.generate_ids([[3, 4]], max_new_tokens=4, mode="draft")
+  with pytest.raises(MedusaError, match="unknown model preset"):
+    import medusa_jax
+    medusa_jax.load("random:tiny", heads=None, draft_model="random:nope")
+
+
+def _deviation(samples: np.ndarray, starts: np.ndarray, transition: np.ndarray, over: np.ndarray) -> float:
+  """How far sampled sequences `[rows, n]` (after tokens `starts` `[rows]`) stray from the exact
+  next-token distributions `transition` `[V, V]`, in standard deviations: the larger of a pooled
+  chi-square over every (previous, next) pair (as a z-score) and a directed test of the mass on
+  the tokens a draft over-proposes (`over` `[V, V]` bool), where an error in the acceptance
+  probability shows first. Inf for a token outside the support."""
+  prev = np.concatenate([starts[:, None], samples[:, :-1]], axis=1).ravel()
+  nxt = samples.ravel()
+  counts = np.zeros_like(transition)
+  np.add.at(counts, (prev, nxt), 1)
+  n = counts.sum(axis=1, keepdims=True)
+  expected = n * transition
+  if (counts[expected == 0] > 0).any():
+    return np.inf
+  used = (n[:, 0] > 0)[:, None] & (transition > 0)
+  chi2 = np.sum((counts - expected)[used] ** 2 / expected[used])
+  df = used.sum() - (n[:, 0] > 0).sum()
+  mass = np.sum(transition * over, axis=1)
+  directed = (np.sum(counts * over) - np.sum(n[:, 0] * mass)) / np.sqrt(np.sum(n[:, 0] * mass * (1 - mass)))
+  return max((chi2 - df) / np.sqrt(2 * df), abs(directed))
+
+
+def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
+  """Speculative sampling with a draft model (another Markov chain) against the exact transitions
+  of the target: rows start from different tokens, several steps each, 3 drafted tokens per
+  step. The same check fails when the acceptance probability is 3% too high."""
+  import jax
+
+  from medusa_jax.decode import acceptance
+  from medusa_jax.decode.sampling import SamplingParams, sampling_logits
+  from tests.test_medusa import _markov_model
+
+  vocab, rows, n = 16, 8192, 32
+  target, draft = _markov_model(vocab, seed=0), _markov_model(vocab, seed=0)
+  noise = np.random.default_rng(1).normal(size=(vocab, vocab)) * 0.5  # a draft near the target
+  draft.lm_head.kernel[...] = draft.lm_head.kernel[...] + jnp.asarray(noise, jnp.float32)
+  sampling = SamplingParams(temperature=0.9, top_p=0.95)
+
+  def transitions(model):
+    logits = model(jnp.arange(vocab)[:, None], jnp.zeros((vocab, 1), jnp.int32))[0][:, 0]
+    return np.asarray(jax.nn.softmax(sampling_logits(logits, sampling)), np.float64)
+
+  p, q = transitions(target), transitions(draft)
+  starts = np.random.default_rng(0).integers(0, vocab - 1, size=rows)
+  prompts = [[3, 5, int(s)] for s in starts]
+
+  kw = dict(max_new_tokens=n, temperature=sampling.temperature, top_p=sampling.top_p, seed=2)
+
+  def run(mode):
+    engine = Engine(target, ByteTokenizer(), max_cache_len=64)
+    engine.eos_ids = jnp.asarray([-1], jnp.int32)
+    engine.set_draft_model(draft)
+    out, counts, steps, _ = engine.generate_ids(prompts, mode=mode, draft_tokens=3, **kw)
+    return out, counts.sum() / steps.sum()
+
+  out, tokens_per_step = run("draft")
+  assert tokens_per_step > 1.3  # drafts are accepted
+  assert _deviation(run("baseline")[0], starts, p, q > p) < 4  # the check is fair to plain sampling
+  assert _deviation(out, starts, p, q > p) < 4
+
+  exact = acceptance.draft_ratio_acceptance
+  monkeypatch.setattr(acceptance, "draft_ratio_acceptance",
+                      lambda tokens, probs, draft_probs, uniform, tree: exact(tokens, probs * 1.03, draft_probs,
+                                                                              uniform, tree))
+  jax.clear_caches()
+  try:
+    wrong = run("draft")[0]
+  finally:
+    jax.clear_caches()
+  assert _deviation(wrong, starts, p, q > p) > 4

@@ -267,7 +267,12 @@ def test_lossless_sampling_draws_from_the_models_distribution():
   base, _, _, _ = engine.generate_ids(prompts, mode="baseline", **kw)
   med, counts, steps, _ = engine.generate_ids(prompts, mode="medusa", **kw)
   typ, _, _, _ = engine.generate_ids(prompts, mode="medusa", acceptance="typical", **kw)
+  look, look_counts, look_steps, _ = engine.generate_ids(prompts, mode="lookup", draft_tokens=3, ngram=1, **kw)
+  hybrid, _, _, _ = engine.generate_ids(prompts, mode="medusa", lookup=3, ngram=1, **kw)
   assert (counts == n).all() and counts.sum() / steps.sum() > 1.5  # the tree is exercised
+  assert look_counts.sum() / look_steps.sum() > 1.03  # lookup drafts get accepted too
   assert _transitions_agree(base, 7, transition)
   assert _transitions_agree(med, 7, transition)
+  assert _transitions_agree(look, 7, transition)  # prompt lookup's drafts, and grafted ones
+  assert _transitions_agree(hybrid, 7, transition)
   assert not _transitions_agree(typ, 7, transition)

@@ -5,7 +5,8 @@
 
 `--modes`: the speculative variants timed against the same baseline runs, each prompt in turn:
 `medusa` (the heads' tree), `lookup` (prompt lookup, `--draft-tokens`, `--ngram`), `hybrid` (the
-heads' tree plus a lookup chain of `--lookup` tokens, default `--draft-tokens`). The `medusa_*`
+heads' tree plus a lookup chain of `--lookup` tokens, default `--draft-tokens`), `draft` (the
+`--draft-model`'s chain of `--draft-tokens`). The `medusa_*`
 fields of the results are the variant's; the top-level tables are the first variant's, and
 `modes` holds each one's.
 
@@ -28,6 +29,7 @@ import os
 
 from medusa_jax.atomic import atomic_file, write_json
 from medusa_jax.cli.common import (
+  add_draft_model_flag,
   add_generation_flags,
   add_mesh_flag,
   generation_config,
@@ -39,7 +41,7 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
-VARIANTS = ("medusa", "lookup", "hybrid")
+VARIANTS = ("medusa", "lookup", "hybrid", "draft")
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
         "identical_fraction", "step_cost_ratio")
 
@@ -79,6 +81,7 @@ def main(argv=None):
                  help="speculative variants to time against the baseline (module docstring)")
   add_generation_flags(p)
   add_mesh_flag(p)
+  add_draft_model_flag(p)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--plot", default=None, help="PNG: tokens per step and speedup per category")
@@ -116,9 +119,11 @@ def main(argv=None):
 
   convs = load_conversations(args.prompts)[: args.max_prompts]
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
-                           draft_vocab=args.draft_vocab, mesh=args.mesh)
-  if set(args.modes) != {"lookup"} or args.heads_accuracy:
-    engine.resolve_mode("medusa")  # a clear error when no heads are loaded
+                           draft_vocab=args.draft_vocab, mesh=args.mesh,
+                           draft_model=args.draft_model)
+  needed = {"medusa" if m == "hybrid" else m for m in args.modes} | ({"medusa"} if args.heads_accuracy else set())
+  for mode in needed:
+    engine.resolve_mode(mode)  # a clear error when the heads or the draft model are missing
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:
@@ -185,8 +190,8 @@ def main(argv=None):
 
 def _variant(config, mode: str):
   """The `GenerationConfig` of a `--modes` variant."""
-  if mode == "lookup":
-    return config.replace(mode="lookup", lookup=0)
+  if mode in ("lookup", "draft"):
+    return config.replace(mode=mode, lookup=0)
   return config.replace(mode="medusa", lookup=0 if mode == "medusa" else config.lookup or config.draft_tokens)
 
 

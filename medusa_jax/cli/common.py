@@ -60,6 +60,13 @@ def add_mesh_flag(p: argparse.ArgumentParser) -> None:
                       "tensor splits attention heads, MLP and vocabulary, data the prompts)")
 
 
+def add_draft_model_flag(p: argparse.ArgumentParser) -> None:
+  """`--draft-model SPEC|self:L`: what `--mode draft` drafts with."""
+  p.add_argument("--draft-model", default=None,
+                 help="--mode draft: a model spec with the target's tokenizer, or self:L (the target's "
+                      "first L layers, no extra weights)")
+
+
 def generation_config(args, **changes) -> GenerationConfig:
   """The `GenerationConfig` of parsed `add_generation_flags` flags (plus `changes`)."""
   return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 from medusa_jax.cli.common import (
+  add_draft_model_flag,
   add_generation_flags,
   add_mesh_flag,
   generation_config,
@@ -32,7 +33,7 @@ def parse_args(argv=None):
   p.add_argument("--heads", default="default",
                  help="Medusa heads directory; 'default' = shipped heads of the embedded model; 'none'")
   p.add_argument("--mode", choices=MODES, default="auto",
-                 help="auto = medusa when heads are loaded, else baseline; lookup = prompt lookup")
+                 help="auto = medusa when heads are loaded, else baseline; lookup = prompt lookup; draft = --draft-model")
   p.add_argument("--tree", default=None, help="tree name (mc_sim_7b_63, vicuna_7b_stage2, chain1..5), a JSON list of paths, or a .json file of them")
   p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                  help="the heads guess among the N most frequent answer tokens in their "
@@ -40,6 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   add_generation_flags(p)
   add_mesh_flag(p)
+  add_draft_model_flag(p)
   p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
   p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
   return p.parse_args(argv)
@@ -53,7 +55,8 @@ def main(argv=None):
 
   heads = None if args.heads == "none" else args.heads
   engine = medusa_jax.load(args.model, heads=heads, tree=args.tree, dtype=args.dtype,
-                           draft_vocab=args.draft_vocab, mesh=args.mesh)
+                           draft_vocab=args.draft_vocab, mesh=args.mesh,
+                           draft_model=args.draft_model)
   mode = engine.resolve_mode(args.mode)
   prompts = args.prompt or [DEMO_PROMPT]
   results = engine.generate(prompts, generation_config(args, mode=mode), chat=not args.no_chat)

@@ -12,6 +12,10 @@ adds after the path (the bonus token). Three rules, chosen by a static `rule`:
   on from it. Where no child is accepted, the bonus token is drawn from p without the children's
   tokens. Every emitted token has exactly the distribution plain sampling gives it; the heads
   change only how many tokens a step emits.
+  With `draft_probs` (a chain sampled from a draft model's distributions q), the standard
+  speculative sampling rule instead (Leviathan et al., Chen et al.): node c is accepted with
+  probability min(1, p(c) / q(c)); after a rejection the bonus token is drawn from the
+  normalised max(0, p - q). Also exact.
 - `TypicalParams`, typical acceptance (Medusa's): acceptable when
   `p(tokens[i]) > min(epsilon, delta * exp(-H(p)))`, p = softmax(logits[parent] / T); not
   lossless, by design. Bonus: drawn from the tokens above that threshold (the argmax always
@@ -104,6 +108,17 @@ def lossless_acceptance(tokens: jax.Array, internal_probs: jax.Array, uniform: j
   return passed & ~jnp.any(earlier & passed[:, None, :], axis=-1)
 
 
+def draft_ratio_acceptance(tokens: jax.Array, internal_probs: jax.Array, draft_probs: jax.Array,
+                           uniform: jax.Array, tree: Tree) -> jax.Array:
+  """tokens `[batch, T]` sampled from `draft_probs` `[batch, T, vocab]` (node n's q: the draft
+  distribution it was drawn from), target probabilities at the internal nodes `[batch, I, vocab]`,
+  uniform draws `[batch, T]` -> `[batch, T]` bool: u_n < p(c_n) / q(c_n) (root entry unused)."""
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  p = internal_probs[rows, jnp.asarray(tree.parent_slot)[None, :], tokens]
+  q = jnp.take_along_axis(draft_probs, tokens[..., None], axis=-1)[..., 0]
+  return uniform * q < p
+
+
 def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
   """The token after the prompt, as plain decoding draws it (typical: `typical_sample`).
   `[batch, vocab]` -> `[batch]`."""
@@ -112,19 +127,27 @@ def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
   return sample(logits, key, rule or SamplingParams())
 
 
-def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
-           key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule, key: jax.Array,
+           draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """tokens `[batch, T]`, the base model's logits at every tree node `[batch, T, vocab]` -> (the
   kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
   last accepted node `[batch, 1]`; the bonus token `[batch]`, drawn there). The accepted tokens
-  are `tokens` at `path[:, 1 : accepted + 1]`."""
+  are `tokens` at `path[:, 1 : accepted + 1]`. `draft_probs` `[batch, T, vocab]`: the draft
+  distributions a sampled chain's tokens were drawn from (lossless sampling only; a chain: one
+  leaf)."""
   if isinstance(rule, SamplingParams) and rule.greedy:
     rule = None
+  if not isinstance(rule, SamplingParams):
+    draft_probs = None  # deterministic drafts: greedy and typical acceptance read only the tokens
+  if draft_probs is not None and len(tree.leaves) != 1:
+    raise ValueError("draft probabilities are verified along a chain, not a tree")
   internal = jnp.take(logits, jnp.asarray(tree.internal), axis=1)
   key_accept, key_bonus = jax.random.split(key)
   if isinstance(rule, SamplingParams):
     probs = jax.nn.softmax(sampling_logits(internal, rule), axis=-1)
-    ok = lossless_acceptance(tokens, probs, jax.random.uniform(key_accept, tokens.shape), tree)
+    uniform = jax.random.uniform(key_accept, tokens.shape)
+    ok = (lossless_acceptance(tokens, probs, uniform, tree) if draft_probs is None
+          else draft_ratio_acceptance(tokens, probs, draft_probs, uniform, tree))
     logp = jnp.zeros(tokens.shape, jnp.float32)
   else:
     ok, logp = node_acceptance(tokens, internal, tree, rule)
@@ -134,10 +157,16 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule,
   last_logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
   if not isinstance(rule, SamplingParams):
     return path, accepted, last, first_token(last_logits, key_bonus, rule)
-  # every child of the last node was tried and rejected: draw from p without their tokens
   children = jnp.asarray(tree.parents)[None, :] == last  # [b, T]
   vocab = last_logits.shape[-1]
   scaled = sampling_logits(last_logits, rule)
+  if draft_probs is not None:  # the child was rejected: draw from max(0, p - q); at the leaf: p
+    q = jnp.take_along_axis(draft_probs, jnp.argmax(children, axis=1)[:, None, None], axis=1)[:, 0]
+    p = jax.nn.softmax(scaled, axis=-1)
+    residual = jnp.where(jnp.any(children, axis=1, keepdims=True), jnp.maximum(p - q, 0.0), p)
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q
+    return path, accepted, last, jax.random.categorical(key_bonus, jnp.log(residual), axis=-1).astype(jnp.int32)
+  # every child of the last node was tried and rejected: draw from p without their tokens
   residual = scaled.at[jnp.arange(tokens.shape[0])[:, None], jnp.where(children, tokens, vocab)].set(
       -jnp.inf, mode="drop")
   # all of p on the children yet all rejected: only by rounding (~1e-7); draw from p then

@@ -10,15 +10,15 @@ from medusa_jax.decode.acceptance import Rule, TypicalParams
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.errors import MedusaError
 
-MODES = ("auto", "medusa", "baseline", "lookup")
+MODES = ("auto", "medusa", "baseline", "lookup", "draft")
 ACCEPTANCES = ("lossless", "typical")
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
-  tokens after the latest earlier match of the last `ngram`..1 tokens), or "auto" (Medusa when
-  heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree.
+  tokens after the latest earlier match of the last `ngram`..1 tokens), "draft" (the engine's
+  draft model proposes `draft_tokens` tokens), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree.
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
   `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`

@@ -1,29 +1,36 @@
 """Drafters: what proposes the tokens the base model verifies each step (`speculative.py`).
 
 A drafter is static (hashable, a jit argument) and names its `tree`: the shape of every proposal,
-node 0 being the root (the last emitted token). Its arrays (heads' weights, drafting vocabulary)
-come separately as `params`. `propose(params, model, ctx)` fills the tree's tokens `[batch, T]`
-from the loop's `DraftContext`; the verifier (one tree forward, acceptance, K/V compaction) is
-the same for every drafter, so greedy output equals plain greedy decoding whatever drafts.
+node 0 being the root (the last emitted token). Its arrays (heads' or a draft model's weights,
+drafting vocabulary) come separately as `params`; what it keeps between steps (a draft model's KV
+cache) is its `state`, carried by the loop: `start` makes it after the prompts, `propose` fills
+the tree's tokens `[batch, T]` from the loop's `DraftContext` (with the draft distributions they
+were sampled from, if sampled), `commit` keeps what the verifier accepted. The verifier (one tree
+forward, acceptance, K/V compaction) is the same for every drafter, so greedy output equals plain
+greedy decoding whatever drafts.
 
 - `HeadsDrafter`: Medusa or Hydra heads' guesses at the last accepted position.
 - `LookupDrafter`: prompt lookup (`lookup.py`), a chain of K tokens.
 - `HybridDrafter`: the heads' tree with the lookup chain grafted under the root
   (`Tree.with_chain`), verified in the same forward.
+- `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from medusa_jax.decode.lookup import lookup_continuation
+from medusa_jax.decode.plain import prefill
+from medusa_jax.decode.sampling import SamplingParams, sampling_logits
 from medusa_jax.medusa.tree import Tree, chain
+from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
 from medusa_jax.model.rows import write_rows
 
@@ -61,28 +68,55 @@ class DraftContext:
                         history, jnp.where(keep, self.length, self.length + n))
 
 
+class Proposal(NamedTuple):
+  tokens: jax.Array               # `[batch, tree.size]`, node 0 being the root
+  draft_probs: jax.Array | None   # `[batch, tree.size, vocab]` the distributions sampled tokens came from
+  state: Any                      # the drafter's state after proposing
+
+
 class Drafter(Protocol):
   tree: Tree  # the shape of every proposal
 
-  def propose(self, params: Any, model: Llama, ctx: DraftContext) -> jax.Array:
-    """The tree's tokens `[batch, tree.size]`, node 0 being `ctx.root`."""
+  def start(self, params: Any, model: Llama, tokens: jax.Array, prompt_lens: jax.Array,
+            cache_len: int, cache_dtype, mesh) -> Any:
+    """The drafter's state after the prompts `[batch, P]` (None: it keeps none)."""
+
+  def propose(self, params: Any, model: Llama, ctx: DraftContext, state: Any, key: jax.Array) -> Proposal:
+    """The tree's tokens from the context and the drafter's state."""
+
+  def commit(self, state: Any, n: jax.Array, keep: jax.Array) -> Any:
+    """The state once `n` `[batch]` tokens (the accepted ones and the bonus) were emitted; rows
+    where `keep` stay as they were."""
+
+
+class _Stateless:
+  """The state plumbing of drafters that keep none: they define `tokens(params, model, ctx)`."""
+
+  def start(self, *args) -> None:
+    return None
+
+  def propose(self, params, model: Llama, ctx: DraftContext, state, key) -> Proposal:
+    return Proposal(self.tokens(params, model, ctx), None, None)
+
+  def commit(self, state, n, keep) -> None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadsDrafter:
+class HeadsDrafter(_Stateless):
   """Medusa or Hydra heads (`MedusaHeads.draft_tree`); params: (heads state, `DraftVocab` or None)."""
 
   heads_graphdef: nnx.GraphDef
   tree: Tree
 
-  def propose(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
+  def tokens(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
     heads_state, draft = params
     heads = nnx.merge(self.heads_graphdef, heads_state)
     return heads.draft_tree(model, ctx.hidden, ctx.root, self.tree, draft)
 
 
 @dataclasses.dataclass(frozen=True)
-class LookupDrafter:
+class LookupDrafter(_Stateless):
   """Prompt lookup: the `num_tokens` tokens after the latest earlier match of the last n-gram
   (n = `max_ngram` down to 1); where nothing matches, tokens the verifier rejects. No params."""
 
@@ -96,12 +130,12 @@ class LookupDrafter:
   def continuation(self, ctx: DraftContext) -> jax.Array:
     return lookup_continuation(ctx.history, ctx.length, self.num_tokens, self.max_ngram)[0]
 
-  def propose(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
+  def tokens(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
     return jnp.concatenate([ctx.root[:, None], self.continuation(ctx)], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridDrafter:
+class HybridDrafter(_Stateless):
   """The heads' tree plus the lookup chain as one more branch under the root; params: the heads'."""
 
   heads: HeadsDrafter
@@ -118,8 +152,62 @@ class HybridDrafter:
     return (self.tree.nodes(((),) + self.heads.tree.paths),
             self.tree.nodes([(graft,) + (0,) * d for d in range(self.lookup.num_tokens)]))
 
-  def propose(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
+  def tokens(self, params, model: Llama, ctx: DraftContext) -> jax.Array:
     heads_nodes, chain_nodes = self._nodes
     tokens = jnp.zeros((ctx.root.shape[0], self.tree.size), jnp.int32)
-    tokens = tokens.at[:, heads_nodes].set(self.heads.propose(params, model, ctx))
+    tokens = tokens.at[:, heads_nodes].set(self.heads.tokens(params, model, ctx))
     return tokens.at[:, chain_nodes].set(self.lookup.continuation(ctx))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDrafter:
+  """A draft model proposes a chain of `num_tokens`, one token per forward over its own KV cache
+  (its state: written K + 1 tokens ahead, rewound to what was accepted). `graphdef` None: the
+  target itself, its first `num_layers` layers then its final norm and lm_head (self-drafting, no
+  extra weights); params: the draft model's state (None when self-drafting). With `sampling` the
+  chain is sampled from the draft's distributions (returned, for the speculative sampling rule),
+  else it is the draft's greedy continuation."""
+
+  graphdef: nnx.GraphDef | None
+  num_tokens: int
+  num_layers: int | None = None
+  sampling: SamplingParams | None = None
+
+  @property
+  def tree(self) -> Tree:
+    return Tree(chain(self.num_tokens))
+
+  def _model(self, params, model: Llama) -> Llama:
+    return model if self.graphdef is None else nnx.merge(self.graphdef, params)
+
+  def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh) -> KVCache:
+    draft = self._model(params, model)
+    config = draft.config if self.num_layers is None else dataclasses.replace(draft.config,
+                                                                                num_layers=self.num_layers)
+    cache = KVCache.init(config, tokens.shape[0], cache_len, cache_dtype, mesh)
+    return prefill(draft, tokens, prompt_lens, cache, self.num_layers)[2]
+
+  def propose(self, params, model: Llama, ctx: DraftContext, state: KVCache, key) -> Proposal:
+    draft = self._model(params, model)
+
+    def step(carry, key):
+      token, cache = carry
+      logits, _, cache = draft(token[:, None], cache.lengths[:, None], cache, num_layers=self.num_layers)
+      cache = cache.advance(jnp.ones_like(token))
+      if self.sampling is None:
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return (nxt, cache), (nxt, None)
+      scaled = sampling_logits(logits[:, 0], self.sampling)
+      nxt = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+      return (nxt, cache), (nxt, jax.nn.softmax(scaled, axis=-1))
+
+    # K + 1 forwards: the last writes the K-th token's K/V (its own guess is not used)
+    keys = jax.random.split(key, self.num_tokens + 1)
+    (_, cache), (drafted, probs) = jax.lax.scan(step, (ctx.root, state), keys)
+    if probs is not None:  # node i's tokens came from forward i - 1's distribution: `[b, T, V]`
+      probs = jnp.concatenate([jnp.zeros_like(probs[:1]), probs[:-1]]).transpose(1, 0, 2)
+    tokens = jnp.concatenate([ctx.root[:, None], drafted[:-1].T], axis=1)
+    return Proposal(tokens, probs, dataclasses.replace(cache, lengths=state.lengths))
+
+  def commit(self, state: KVCache, n: jax.Array, keep: jax.Array) -> KVCache:
+    return dataclasses.replace(state, lengths=jnp.where(keep, state.lengths, state.lengths + n))

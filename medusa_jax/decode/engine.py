@@ -14,8 +14,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter
+from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter, ModelDrafter
 from medusa_jax.decode.plain import baseline_generate
+from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_generate
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DraftVocab
@@ -99,6 +100,7 @@ class Engine:
     self.pad_id = int(self.config.pad_token_id)
     self._compiled: dict = {}
     self.compile_seconds = 0.0
+    self._draft_model = None  # (graphdef, state, num_layers): `set_draft_model`
 
   def _place(self, x: np.ndarray, split: bool = True) -> jax.Array:
     """A host input on the device(s): rows split over the mesh's data x fsdp when `split` and they
@@ -138,6 +140,30 @@ class Engine:
     self.resolve_mode("medusa")  # a clear error when no heads are loaded
     self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
 
+  def set_draft_model(self, draft: str | Llama | None, tokenizer=None) -> None:
+    """The model `mode="draft"` drafts with: "self:L" (this model's first L layers, then its final
+    norm and lm_head: no extra weights), a `Llama` (with its `tokenizer`, which must match this
+    model's vocabulary), or None."""
+    layers = self.config.num_layers
+    if draft is None:
+      self._draft_model = None
+    elif isinstance(draft, str):
+      if not (draft.startswith("self:") and draft[5:].isdigit()):
+        raise MedusaError(f"a draft model is self:L (the first L of the {layers} layers) or a model spec; "
+                          f"got {draft!r}")
+      if not 1 <= int(draft[5:]) <= layers:
+        raise MedusaError(f"{draft}: L must be in 1..{layers}, the model's layers")
+      self._draft_model = (None, None, int(draft[5:]))
+    else:
+      if draft.config.vocab_size != self.config.vocab_size:
+        raise MedusaError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+                          f"target's ({self.config.vocab_size})")
+      vocab = getattr(tokenizer, "get_vocab", None)
+      if vocab is not None and hasattr(self.tokenizer, "get_vocab") and vocab() != self.tokenizer.get_vocab():
+        raise MedusaError("the draft model's tokenizer maps tokens to other ids than the target's")
+      graphdef, state = nnx.split(draft)
+      self._draft_model = (graphdef, state if self.mesh is None else shard_state(state, self.mesh), None)
+
   @property
   def heads(self) -> MedusaHeads | None:
     return None if self.heads_graphdef is None else nnx.merge(self.heads_graphdef, self.heads_state)
@@ -172,12 +198,18 @@ class Engine:
       return "medusa" if self.heads_graphdef is not None else "baseline"
     if mode not in MODES:
       raise MedusaError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "draft" and self._draft_model is None:
+      raise MedusaError("mode draft needs a draft model (draft_model='self:L' or a model spec)")
     if mode == "medusa" and self.heads_graphdef is None:
       raise MedusaError("mode medusa needs Medusa heads (load some with heads=...)")
     return mode
 
   def drafter(self, mode: str, config: GenerationConfig):
     """(the drafter of a speculative `mode` (`drafters.py`), its params) under `config`."""
+    if mode == "draft":
+      graphdef, state, layers = self._draft_model
+      sampling = config.rule if isinstance(config.rule, SamplingParams) else None
+      return ModelDrafter(graphdef, config.draft_tokens, layers, sampling), state
     lookup = LookupDrafter(config.lookup or config.draft_tokens, config.ngram)
     if mode == "lookup":
       return lookup, None

@@ -61,14 +61,16 @@ class Emitted:
     return Emitted(tokens, count, done)
 
 
-def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache):
-  """Runs right-padded prompts `[batch, P]` through the model.
+def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache,
+            num_layers: int | None = None):
+  """Runs right-padded prompts `[batch, P]` through the model (its first `num_layers` layers
+  only, when given: a self-drafting model).
 
   Returns (logits `[batch, vocab]` and hidden `[batch, embed]` at each row's last prompt token,
   the cache with `lengths == prompt_lens`).
   """
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden, cache = model.hidden_states(tokens, positions, cache)
+  hidden, cache = model.hidden_states(tokens, positions, cache, num_layers=num_layers)
   last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
   return model.logits(last), last, dataclasses.replace(cache, lengths=prompt_lens.astype(jnp.int32))
 

@@ -112,8 +112,8 @@ def _plain_step(model, cache: KVCache, root, rows: RowSettings):
 
 
 def _tree_step(model, drafter: HeadsDrafter, params, cache: KVCache, root, hidden, rows: RowSettings):
-  return speculative_step(model, drafter, params, cache, DraftContext.without_history(root, hidden),
-                          jax.random.PRNGKey(0), None, functools.partial(target_logits, rows=rows))
+  return speculative_step(model, drafter, params, cache, DraftContext.without_history(root, hidden), None,
+                          jax.random.PRNGKey(0), None, functools.partial(target_logits, rows=rows))[:5]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,23 +51,24 @@ def keep_path(tokens: jax.Array, node_hidden: jax.Array, cache: KVCache, path: j
   return emitted, accepted + 1, cache.commit_path(path, accepted + 1), last_hidden
 
 
-def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext,
+def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext, state,
                      key: jax.Array, rule: Rule, target=None):
-  """One step under the acceptance `rule`: the drafter's tree of candidates (`drafters.py`), one
-  forward over it, acceptance, compaction. `target(logits, positions)`, when given, maps the
-  logits `[batch, T, vocab]` predicting `positions` `[batch, T]` to those acceptance reads (the
-  server's per-row sampling, `coupled.target_logits`). Returns (emitted `[batch, depth + 1]`,
-  emitted count `[batch]`, the cache with the accepted path committed, the next root `[batch]`,
-  the hidden state at the last accepted node `[batch, embed]`). One vocab matmul over every tree
-  node gives the logits for acceptance and the bonus token."""
+  """One step under the acceptance `rule`: the drafter's tree of candidates (`drafters.py`; its
+  `state`), one forward over it, acceptance, compaction. `target(logits, positions)`, when given,
+  maps the logits `[batch, T, vocab]` predicting `positions` `[batch, T]` to those acceptance
+  reads (the server's per-row sampling, `coupled.target_logits`). Returns (emitted
+  `[batch, depth + 1]`, emitted count `[batch]`, the cache with the accepted path committed, the
+  next root `[batch]`, the hidden state at the last accepted node `[batch, embed]`, the drafter's
+  state). One vocab matmul over every tree node gives the logits for acceptance and the bonus."""
   tree = drafter.tree
-  tokens = drafter.propose(params, model, ctx)
+  key_draft, key_accept = jax.random.split(key)
+  tokens, draft_probs, state = drafter.propose(params, model, ctx, state, key_draft)
   positions, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
   if target is not None:
     logits = target(logits, positions + 1)
-  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key)
+  path, accepted, last, bonus = accept(tokens, logits, tree, rule, key_accept, draft_probs)
   emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
-  return emitted, n, cache, bonus, last_hidden
+  return emitted, n, cache, bonus, last_hidden, state
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +76,7 @@ def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx
 class _Carry:
   cache: KVCache
   ctx: DraftContext
+  state: Any  # the drafter's (`Drafter.start`)
   emitted: Emitted
   steps: jax.Array  # `[batch]` forward passes of each row until it was done
   key: jax.Array
@@ -103,12 +106,15 @@ def speculative_generate(state: nnx.State, params, tokens: jax.Array, prompt_len
 
   def body(c: _Carry) -> _Carry:
     key, sub = jax.random.split(c.key)
-    new, n, cache, root, hidden = speculative_step(model, drafter, params, c.cache, c.ctx, sub, rule)
+    new, n, cache, root, hidden, state = speculative_step(model, drafter, params, c.cache, c.ctx, c.state,
+                                                          sub, rule)
     done = c.emitted.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, c.cache.lengths, cache.lengths))
-    return _Carry(cache, c.ctx.advance(new, n, root, hidden, done), c.emitted.record(new, n, eos_ids, max_new_tokens),
+    return _Carry(cache, c.ctx.advance(new, n, root, hidden, done), drafter.commit(state, n, done), c.emitted.record(new, n, eos_ids, max_new_tokens),
                   c.steps + (~done).astype(jnp.int32), key)
 
-  end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body, _Carry(cache, ctx, emitted, ones, key))
+  state = drafter.start(params, model, tokens, prompt_lens, cache_len, cache_dtype, mesh)
+  end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body,
+                           _Carry(cache, ctx, state, emitted, ones, key))
   return DecodeOutput(tokens=end.emitted.tokens[:, :max_new_tokens], num_tokens=end.emitted.count,
                       steps=end.steps)

@@ -54,25 +54,27 @@ class Llama(nnx.Module):
     )
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                    chunk_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                    chunk_mask: jax.Array | None = None,
+                    num_layers: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]` and the cache.
 
     With a cache, the chunk's K/V are written at `cache.lengths` and it attends to the cached
     prefix plus itself under `chunk_mask` `[T, T]` (causal by default; a tree mask for Medusa).
-    `cache.lengths` is left unchanged.
+    `cache.lengths` is left unchanged. `num_layers`: run only the first layers (then the final
+    norm), as a self-drafting model does; the cache holds that many layers.
     """
     t = tokens.shape[1]
     chunk_mask = causal_mask(t) if chunk_mask is None else chunk_mask
     x = self.embed(tokens)
     if cache is None:
       mask = jnp.broadcast_to(chunk_mask, (tokens.shape[0], t, t))
-      for block in self.layers:
+      for block in self.layers[:num_layers]:
         x, _ = block(x, positions, mask)
       return self.norm(x), None
 
     mask = attention_mask(cache.lengths, chunk_mask, cache.attended)
     keys, values = [], []
-    for i, block in enumerate(self.layers):
+    for i, block in enumerate(self.layers[:num_layers]):
       x, (k, v) = block(x, positions, mask, write=lambda k, v, i=i: cache.write(i, k, v))
       keys.append(k)
       values.append(v)
@@ -87,7 +89,7 @@ class Llama(nnx.Module):
     out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
     return out.astype(jnp.float32)
 
-  def __call__(self, tokens, positions, cache=None, chunk_mask=None):
+  def __call__(self, tokens, positions, cache=None, chunk_mask=None, num_layers=None):
     """Returns (logits `[batch, T, vocab]`, hidden `[batch, T, embed]`, cache)."""
-    hidden, cache = self.hidden_states(tokens, positions, cache, chunk_mask)
+    hidden, cache = self.hidden_states(tokens, positions, cache, chunk_mask, num_layers)
     return self.logits(hidden), hidden, cache

@@ -37,7 +37,7 @@ def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, hidden: ja
     _, new = decode_step(model, cache, root, key, SamplingParams())
   else:
     new = speculative_step(model, HeadsDrafter(heads_graphdef, tree), (heads_state, draft), cache,
-                           DraftContext.without_history(root, hidden), key, None)[2]
+                           DraftContext.without_history(root, hidden), None, key, None)[2]
   return KVCache(new.keys, new.values, cache.lengths)
 
 
