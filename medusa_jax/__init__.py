@@ -26,7 +26,8 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
   Medusa/TGI, vLLM or orbax training directory, or None for the base model alone. `tree`: a tree
   name or list of paths (default: the tree shipped with the heads, else `mc_sim_7b_63` cut to the
-  heads' depth). `draft_vocab`: the heads guess among the N most frequent answer tokens listed in
+  heads' depth; with its tree, Medusa also grafts on the prompt-lookup chain `tree.json` names).
+  `draft_vocab`: the heads guess among the N most frequent answer tokens listed in
   the heads directory's `draft_vocab.json` (0, or no such file: the whole vocabulary; see
   `medusa_jax.medusa.draft_vocab`). `mesh`: run sharded over a `jax.sharding.Mesh` with axes
   (data, fsdp, tensor) or one given as text, `"data=2,tensor=4"` (tensor-parallel weights and KV
@@ -35,20 +36,21 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   """
   from medusa_jax.formats.layout import read_heads
   from medusa_jax.medusa import draft_vocab as draft_file
-  from medusa_jax.medusa.tree import default_tree
+  from medusa_jax.medusa.tree import default_lookup, default_tree
   from medusa_jax.model.sharding import parse_mesh
   from medusa_jax.weights import specs
 
   loaded = specs.load(spec, dtype=dtype, seed=seed)
   heads_path = specs.default_heads(spec) if heads == "default" else heads
   medusa_heads = read_heads(heads_path, loaded.model) if heads_path else None
-  engine_tree, ids = None, None
+  engine_tree, ids, lookup = None, None, 0
   if medusa_heads is not None:
     engine_tree = tree or default_tree(heads_path, medusa_heads.config.num_heads)
     ids = draft_file.read(heads_path, draft_vocab)
+    lookup = default_lookup(heads_path) if tree is None else 0
   engine = Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
                   name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids,
-                  mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh)
+                  mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh, lookup=lookup)
   if draft_model and not draft_model.startswith("self:"):
     drafter = specs.load(draft_model, dtype=dtype, seed=seed)
     engine.set_draft_model(drafter.model, drafter.tokenizer)

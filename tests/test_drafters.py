@@ -230,3 +230,29 @@ def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
   finally:
     jax.clear_caches()
   assert _deviation(wrong, starts, p, q > p) > 4
+
+
+def test_heads_directory_names_its_lookup_chain(tmp_path):
+  """`tree.json`'s "lookup" makes Medusa graft that chain by default (greedy output unchanged, a
+  config's `lookup` overrides it); a bad value is a one-line error."""
+  import json
+
+  import medusa_jax
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.medusa.heads import HeadsConfig
+
+  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
+  heads_dir = tmp_path / "heads"
+  medusa_format.write(str(heads_dir), random_heads(base, HeadsConfig(3, 1, True)), base,
+                      base_model="random:tiny", lm_head_copies=False)
+  (heads_dir / "tree.json").write_text(json.dumps({"paths": [[0], [0, 0], [1]], "lookup": 3}))
+  engine = medusa_jax.load("random:tiny", heads=str(heads_dir))
+  assert engine.lookup == 3 and engine.drafter("medusa", engine_config := medusa_jax.GenerationConfig())[0].tree.size == 7
+  assert engine.drafter("medusa", engine_config.replace(lookup=0))[0].tree.size == 4
+  prompts = _prompts([20, 31])
+  base_out = engine.generate_ids(prompts, max_new_tokens=24, mode="baseline")[0]
+  np.testing.assert_array_equal(engine.generate_ids(prompts, max_new_tokens=24)[0], base_out)
+  assert medusa_jax.load("random:tiny", heads=str(heads_dir), tree="chain2").lookup == 0
+  (heads_dir / "tree.json").write_text(json.dumps({"paths": [[0]], "lookup": -2}))
+  with pytest.raises(MedusaError, match='"lookup" must be'):
+    medusa_jax.load("random:tiny", heads=str(heads_dir))

@@ -68,6 +68,23 @@ def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
   assert med_n.sum() / steps.sum() > 1.3, (med_n, steps)
 
 
+def test_every_drafter_is_lossless_on_the_embedded_model(smollm2):
+  """Prompt lookup, the shipped heads with a lookup chain grafted on, and self-drafting with the
+  first 8 layers: greedy output equals greedy baseline (a batch of 3, one that copies its context)."""
+  prompts = [smollm2.encode(p) for p in CHAT_PROMPTS[:2] + [
+      "Repeat this sentence twice: the cat sat on the mat and looked at the door."]]
+  base, base_n, _, _ = smollm2.generate_ids(prompts, max_new_tokens=48, mode="baseline")
+  smollm2.set_draft_model("self:8")
+  for settings in (dict(mode="lookup", draft_tokens=4), dict(mode="medusa", lookup=4),
+                   dict(mode="draft", draft_tokens=3)):
+    out, n, steps, _ = smollm2.generate_ids(prompts, max_new_tokens=48, **settings)
+    np.testing.assert_array_equal(n, base_n, err_msg=str(settings))
+    np.testing.assert_array_equal(out, base, err_msg=str(settings))
+    if settings["mode"] != "draft":  # 8 of 30 layers seldom guess right; they must stay lossless
+      assert n.sum() / steps.sum() > 1.05, (settings, n, steps)
+  smollm2.set_draft_model(None)
+
+
 def test_shipped_medusa_type_heads_export_for_tgi(smollm2, tmp_path):
   """The default heads are Hydra heads (only this project decodes them); `--heads default` exports
   their Medusa-type sibling, whose Medusa layout draws TGI's whole-vocabulary top-1 from the

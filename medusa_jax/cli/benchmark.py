@@ -4,9 +4,10 @@
     python infer/benchmark.py --prompts prompts.jsonl --modes medusa lookup hybrid --lookup 4
 
 `--modes`: the speculative variants timed against the same baseline runs, each prompt in turn:
-`medusa` (the heads' tree), `lookup` (prompt lookup, `--draft-tokens`, `--ngram`), `hybrid` (the
-heads' tree plus a lookup chain of `--lookup` tokens, default `--draft-tokens`), `draft` (the
-`--draft-model`'s chain of `--draft-tokens`). The `medusa_*`
+`medusa` (as `generate` decodes by default: the heads' tree, with the lookup chain their
+`tree.json` names), `heads` (the heads' tree alone), `lookup` (prompt lookup, `--draft-tokens`,
+`--ngram`), `hybrid` (the heads' tree plus a lookup chain of `--lookup` tokens, default the
+heads' own or `--draft-tokens`), `draft` (the `--draft-model`'s chain of `--draft-tokens`). The `medusa_*`
 fields of the results are the variant's; the top-level tables are the first variant's, and
 `modes` holds each one's.
 
@@ -41,7 +42,7 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
-VARIANTS = ("medusa", "lookup", "hybrid", "draft")
+VARIANTS = ("medusa", "heads", "lookup", "hybrid", "draft")
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
         "identical_fraction", "step_cost_ratio")
 
@@ -121,7 +122,7 @@ def main(argv=None):
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab, mesh=args.mesh,
                            draft_model=args.draft_model)
-  needed = {"medusa" if m == "hybrid" else m for m in args.modes} | ({"medusa"} if args.heads_accuracy else set())
+  needed = {"medusa" if m in ("hybrid", "heads") else m for m in args.modes} | ({"medusa"} if args.heads_accuracy else set())
   for mode in needed:
     engine.resolve_mode(mode)  # a clear error when the heads or the draft model are missing
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
@@ -131,7 +132,7 @@ def main(argv=None):
     return
   # At temperature > 0 the two modes draw different samples, so identical_fraction says nothing.
   config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
-  variants = {m: _variant(config, m) for m in args.modes}
+  variants = {m: _variant(config, m, engine.lookup) for m in args.modes}
   warm = engine.encode(convs[0].user_turns[0])
   for c in [config.replace(mode="baseline"), *variants.values()]:  # warm-up: compile before timing
     engine.generate_ids([warm] * args.batch_size, c)
@@ -188,11 +189,13 @@ def main(argv=None):
     _plot(result, args.plot)
 
 
-def _variant(config, mode: str):
-  """The `GenerationConfig` of a `--modes` variant."""
-  if mode in ("lookup", "draft"):
-    return config.replace(mode=mode, lookup=0)
-  return config.replace(mode="medusa", lookup=0 if mode == "medusa" else config.lookup or config.draft_tokens)
+def _variant(config, mode: str, heads_lookup: int):
+  """The `GenerationConfig` of a `--modes` variant (`heads_lookup`: the heads' own lookup chain)."""
+  if mode in ("lookup", "draft", "medusa"):
+    return config.replace(mode=mode)
+  if mode == "heads":
+    return config.replace(mode="medusa", lookup=0)
+  return config.replace(mode="medusa", lookup=config.lookup or heads_lookup or config.draft_tokens)
 
 
 def _tables(rows: list[dict]) -> dict:

@@ -49,7 +49,8 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
   p.add_argument("--ngram", type=int, default=_DEFAULTS.ngram,
                  help="prompt lookup matches the last N..1 tokens")
   p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
-                 help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree (0: off)")
+                 help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree "
+                      "(0: the heads alone; default: the heads' tree.json, else 0)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:

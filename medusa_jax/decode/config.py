@@ -18,7 +18,8 @@ ACCEPTANCES = ("lossless", "typical")
 class GenerationConfig:
   """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
   tokens after the latest earlier match of the last `ngram`..1 tokens), "draft" (the engine's
-  draft model proposes `draft_tokens` tokens), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree.
+  draft model proposes `draft_tokens` tokens), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
+  (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup").
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
   `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`
@@ -34,12 +35,12 @@ class GenerationConfig:
   seed: int = 0
   draft_tokens: int = 4
   ngram: int = 3
-  lookup: int = 0
+  lookup: int | None = None
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise MedusaError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-    if self.draft_tokens < 1 or self.ngram < 1 or self.lookup < 0:
+    if self.draft_tokens < 1 or self.ngram < 1 or (self.lookup is not None and self.lookup < 0):
       raise MedusaError(f"draft_tokens and ngram must be >= 1 and lookup >= 0, got "
                         f"{self.draft_tokens}, {self.ngram}, {self.lookup}")
     if self.acceptance not in ACCEPTANCES:

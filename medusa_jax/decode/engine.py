@@ -74,8 +74,9 @@ class Engine:
   def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | None = None,
                tree: str | Tree | Sequence[Sequence[int]] | None = None, name: str = "model",
                max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, lookup: int = 0):
     self.mesh = mesh
+    self.lookup = lookup  # the lookup chain Medusa grafts on when a config leaves `lookup` None
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.heads_graphdef, self.heads_state = nnx.split(heads) if heads is not None else (None, None)
@@ -210,11 +211,12 @@ class Engine:
       graphdef, state, layers = self._draft_model
       sampling = config.rule if isinstance(config.rule, SamplingParams) else None
       return ModelDrafter(graphdef, config.draft_tokens, layers, sampling), state
-    lookup = LookupDrafter(config.lookup or config.draft_tokens, config.ngram)
     if mode == "lookup":
-      return lookup, None
+      return LookupDrafter(config.draft_tokens, config.ngram), None
     heads = HeadsDrafter(self.heads_graphdef, self.tree)
-    return (HybridDrafter(heads, lookup) if config.lookup else heads), (self.heads_state, self.draft)
+    chain = self.lookup if config.lookup is None else config.lookup
+    params = (self.heads_state, self.draft)
+    return (HybridDrafter(heads, LookupDrafter(chain, config.ngram)) if chain else heads), params
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
                    **settings) -> GenerationResult:

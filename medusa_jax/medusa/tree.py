@@ -211,3 +211,20 @@ def default_tree(heads_dir: str | None, num_heads: int) -> str | tuple[Path, ...
   if tree_file and os.path.isfile(tree_file):
     return tree_file
   return tuple(p for p in MC_SIM_7B_63 if len(p) <= num_heads)
+
+
+def default_lookup(heads_dir: str | None) -> int:
+  """The prompt-lookup chain a heads directory grafts onto its tree unless told otherwise: the
+  `"lookup"` of its `tree.json` (measured with those heads), else 0 (the heads alone)."""
+  tree_file = os.path.join(heads_dir, "tree.json") if heads_dir else ""
+  if not (tree_file and os.path.isfile(tree_file)):
+    return 0
+  try:
+    with open(tree_file) as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedusaError(f"cannot read a tree from {tree_file}: {e}") from None
+  lookup = spec.get("lookup", 0) if isinstance(spec, dict) else 0
+  if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+    raise MedusaError(f'{tree_file}: "lookup" must be a number of tokens >= 0, got {lookup!r}')
+  return lookup
