@@ -62,10 +62,10 @@ class DraftContext:
   def advance(self, new: jax.Array, n: jax.Array, root: jax.Array, hidden: jax.Array,
               keep: jax.Array) -> DraftContext:
     """After a step that emitted `n` `[batch]` of `new` `[batch, D + 1]` (the last one the next
-    `root`) and ended at `hidden` `[batch, embed]`; rows where `keep` `[batch]` stay as they were."""
-    history = jnp.where(keep[:, None], self.history, write_rows(self.history, new, self.length))
-    return DraftContext(jnp.where(keep, self.root, root), jnp.where(keep[:, None], self.hidden, hidden),
-                        history, jnp.where(keep, self.length, self.length + n))
+    `root`) and ended at `hidden` `[batch, embed]`. Rows where `keep` `[batch]` (finished ones)
+    keep their length; what they propose no longer matters."""
+    return DraftContext(root, hidden, write_rows(self.history, new, self.length),
+                        jnp.where(keep, self.length, self.length + n))
 
 
 class Proposal(NamedTuple):
