@@ -192,7 +192,7 @@ def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
   from medusa_jax.decode.sampling import SamplingParams, sampling_logits
   from tests.test_medusa import _markov_model
 
-  vocab, rows, n = 16, 8192, 32
+  vocab, rows, n = 16, 4096, 32
   target, draft = _markov_model(vocab, seed=0), _markov_model(vocab, seed=0)
   noise = np.random.default_rng(1).normal(size=(vocab, vocab)) * 0.5  # a draft near the target
   draft.lm_head.kernel[...] = draft.lm_head.kernel[...] + jnp.asarray(noise, jnp.float32)
