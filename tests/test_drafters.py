@@ -256,3 +256,41 @@ def test_heads_directory_names_its_lookup_chain(tmp_path):
   (heads_dir / "tree.json").write_text(json.dumps({"paths": [[0]], "lookup": -2}))
   with pytest.raises(MedusaError, match='"lookup" must be'):
     medusa_jax.load("random:tiny", heads=str(heads_dir))
+
+
+def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
+  """The server's slots (`decode/slots.py`) keep each row's tokens, so a tree chunk grafts the
+  lookup chain too: two greedy rows decoded in chunks give the baseline's tokens, and the chain
+  is accepted on repetitive text (more tokens per step than the heads alone)."""
+  from medusa_jax.decode import slots as device
+
+  prompts = _prompts([20, 34])
+  base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
+
+  def decode(lookup):
+    slots = device.Slots.init(tiny.config, 2, 256, tiny.dtype)
+    out = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+      tokens = np.full((1, 64), tiny.pad_id, np.int32)
+      tokens[0, :len(p)] = p
+      slots, first, _ = device.insert(tiny.state, slots, jnp.int32(i), jnp.asarray(tokens), jnp.int32(len(p)),
+                                      jnp.float32(0), jnp.float32(1), jnp.uint32(0), jnp.int32(48),
+                                      jnp.bool_(True), tiny.eos_ids, graphdef=tiny.graphdef)
+      out[i] = [int(first)]
+    chunks = 0
+    while not bool(np.asarray(slots.done[:2]).all()):
+      slots, tokens, counts = device.run_chunk(tiny.state, tiny.heads_state, slots, tiny.draft, tiny.eos_ids,
+                                               graphdef=tiny.graphdef, heads_graphdef=tiny.heads_graphdef,
+                                               tree=tiny.tree, bucket=2, steps=2, lookup=lookup)
+      for i in range(2):
+        out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
+      chunks += 1
+    return out, chunks
+
+  for lookup in (0, 4):
+    out, chunks = decode(lookup)
+    for i in range(2):
+      assert out[i] == list(base[i][: base_n[i]]), lookup
+    if lookup:
+      assert chunks < heads_chunks
+    heads_chunks = chunks

@@ -63,13 +63,16 @@ def heads_dir(tmp_path_factory):
   base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
   medusa_format.write(str(out), random_heads(base, HeadsConfig(4, 1, True), scale=0.3), base,
                       base_model=MODEL, lm_head_copies=False)
+  from medusa_jax.medusa.tree import MC_SIM_7B_63  # the server grafts a 3-token lookup chain on
+  (out / "tree.json").write_text(json.dumps({"paths": [list(p) for p in MC_SIM_7B_63 if len(p) <= 4],
+                                             "lookup": 3}))
   return str(out)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, heads_dir):
   proc, base = _start(tmp_path_factory.mktemp("log"), "--model", MODEL, "--heads", heads_dir,
-                      "--max-batch", "4", "--max-context", "256", "--tree", "mc_sim_7b_63")
+                      "--max-batch", "4", "--max-context", "256")
   yield base
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=60)
@@ -86,7 +89,7 @@ def client(server):
 def engine(heads_dir):
   import medusa_jax
 
-  return medusa_jax.load(MODEL, heads=heads_dir, tree="mc_sim_7b_63")
+  return medusa_jax.load(MODEL, heads=heads_dir)
 
 
 def _chat(client, content, **kw):

@@ -2,8 +2,8 @@
 that requests enter and leave while the others keep decoding.
 
 `insert` prefills one prompt and writes it into a free slot; `run_chunk` runs a fixed number of
-decode steps (a Medusa tree, or plain) for the first `bucket` slots at once and returns what each
-emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so a new
+decode steps (a Medusa tree, with a prompt-lookup chain grafted on when asked, or plain) for the
+first `bucket` slots at once and returns what each emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so a new
 temperature or seed never recompiles), and a row's tokens depend on its prompt, settings and seed
 alone: not on the other rows, the bucket or the tree (`coupled.py`). The host keeps the live rows
 in the first slots (`move_row` fills a hole), so a chunk's cost follows the number of live rows.
@@ -20,12 +20,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.coupled import RowSettings, target_logits
-from medusa_jax.decode.drafters import DraftContext, HeadsDrafter
+from medusa_jax.decode.drafters import DraftContext, HeadsDrafter, HybridDrafter, LookupDrafter
 from medusa_jax.decode.plain import Emitted, prefill
 from medusa_jax.decode.speculative import speculative_step
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.kv_cache import KVCache
+from medusa_jax.model.rows import write_rows
 
 
 @jax.tree_util.register_dataclass
@@ -38,6 +39,8 @@ class Slots:
   budget: jax.Array        # `[slots]` int32: tokens the row may still emit
   stop_on_eos: jax.Array   # `[slots]` bool: false for `ignore_eos` requests
   done: jax.Array          # `[slots]` bool: finished, or a free slot
+  history: jax.Array       # `[slots, max_len]` int32: prompt then emitted tokens, the root at
+                           # `cache.lengths` (what prompt lookup reads)
 
   @classmethod
   def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None) -> Slots:
@@ -48,7 +51,7 @@ class Slots:
     return cls(KVCache.init(config, slots, max_len, dtype, mesh), zeros(),
                jnp.zeros((slots, config.hidden_size), dtype),
                RowSettings.create(zeros(jnp.float32), zeros(jnp.float32) + 1, zeros()), zeros(),
-               zeros(bool) | True, zeros(bool) | True)
+               zeros(bool) | True, zeros(bool) | True, jnp.zeros((slots, max_len), jnp.int32))
 
   @property
   def num_slots(self) -> int:
@@ -99,7 +102,9 @@ def insert(state: nnx.State, slots: Slots, slot: jax.Array, tokens: jax.Array, p
   first = jnp.argmax(target_logits(logits[:, None], prompt_len[None, None], rows), axis=-1)[0, 0]
   first = first.astype(jnp.int32)
   done = (jnp.isin(first, eos_ids) & stop_on_eos) | (budget <= 1)
-  row = Slots(_row(cache, 0), first, hidden[0], _row(rows, 0), budget - 1, stop_on_eos, done)
+  history = jnp.zeros((slots.history.shape[1],), jnp.int32).at[:tokens.shape[1]].set(tokens[0])
+  row = Slots(_row(cache, 0), first, hidden[0], _row(rows, 0), budget - 1, stop_on_eos, done,
+              history.at[prompt_len].set(first))
   return _set_row(slots, row, slot), first, done
 
 
@@ -111,22 +116,32 @@ def _plain_step(model, cache: KVCache, root, rows: RowSettings):
   return nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0]
 
 
-def _tree_step(model, drafter: HeadsDrafter, params, cache: KVCache, root, hidden, rows: RowSettings):
-  return speculative_step(model, drafter, params, cache, DraftContext.without_history(root, hidden), None,
-                          jax.random.PRNGKey(0), None, functools.partial(target_logits, rows=rows))[:5]
+def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, rows: RowSettings):
+  ctx = DraftContext(root, hidden, history, cache.lengths + 1)
+  return speculative_step(model, drafter, params, cache, ctx, None, jax.random.PRNGKey(0), None,
+                          functools.partial(target_logits, rows=rows))[:5]
+
+
+def chunk_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int):
+  """What a tree chunk drafts with: the heads over `tree`, with a prompt-lookup chain of `lookup`
+  tokens grafted on when > 0; its `.tree` is what a step verifies."""
+  heads = HeadsDrafter(heads_graphdef, tree)
+  return HybridDrafter(heads, LookupDrafter(lookup)) if lookup else heads
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
-                                             "span"), donate_argnums=(2,))
+                                             "span", "lookup"), donate_argnums=(2,))
 def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
               graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
-              steps: int, span: int | None = None):
-  """`steps` decode steps (over `tree`, or plain when None) for the first `bucket` slots, attending
-  to their first `span` positions (None: all; it must hold every row's length plus what the chunk
-  writes: `steps * (depth + 1) + tree.size`). Returns (slots, emitted tokens
+              steps: int, span: int | None = None, lookup: int = 0):
+  """`steps` decode steps (over `tree` with a lookup chain of `lookup` tokens grafted on
+  (`chunk_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
+  first `span` positions (None: all; it must hold every row's length plus what the chunk writes:
+  `steps * (depth + 1) + size` of the verified tree). Returns (slots, emitted tokens
   `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  drafter = None if tree is None else HeadsDrafter(heads_graphdef, tree)
+  drafter = None if tree is None else chunk_drafter(heads_graphdef, tree, lookup)
+  tree = None if drafter is None else drafter.tree
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)
   emitted = Emitted(jnp.zeros((bucket, width + (1 if tree is None else tree.depth + 1)), jnp.int32),
@@ -138,12 +153,13 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
       new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
     else:
       new, n, cache, root, hidden = _tree_step(model, drafter, (heads_state, draft), s.cache, s.root,
-                                               s.hidden, s.rows)
+                                               s.hidden, s.history, s.rows)
     done = out.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
     keep = done[:, None]
     s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, root),
-                            hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)))
+                            hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)),
+                            history=write_rows(s.history, new, s.cache.lengths + 1))
     return s, out.record(new, n, eos_ids, s.budget, s.stop_on_eos)
 
   live, out = jax.lax.fori_loop(0, steps, body, (live, emitted))

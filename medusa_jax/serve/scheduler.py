@@ -65,7 +65,9 @@ class Scheduler:
     if max_batch < 1 or chunk_steps < 1:
       raise MedusaError("max_batch and chunk_steps must be at least 1")
     self.engine = engine
-    self.tree = engine.tree if engine.heads_graphdef is not None else None
+    self.lookup = engine.lookup if engine.heads_graphdef is not None else 0
+    self.tree = (None if engine.heads_graphdef is None  # what a tree step verifies (with the lookup chain)
+                 else device.chunk_drafter(engine.heads_graphdef, engine.tree, self.lookup).tree)
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
     self.slack = 1 if self.tree is None else self.tree.size
     self.max_len = -(-(max_context + self.slack) // 64) * 64
@@ -91,7 +93,7 @@ class Scheduler:
     e = self.engine
     return device.run_chunk(e.state, e.heads_state if use_tree else None, slots, e.draft, e.eos_ids,
                             graphdef=e.graphdef, heads_graphdef=e.heads_graphdef if use_tree else None,
-                            tree=self.tree if use_tree else None, bucket=b, steps=self.chunk_steps,
+                            tree=e.tree if use_tree else None, bucket=b, steps=self.chunk_steps, lookup=self.lookup,
                             span=span)
 
   def _span(self, b: int) -> int:
