@@ -56,6 +56,7 @@ def heads_dir(tmp_path_factory):
 
   from medusa_jax.formats import medusa as medusa_format
   from medusa_jax.medusa.heads import HeadsConfig
+  from medusa_jax.medusa.tree import MC_SIM_7B_63
   from medusa_jax.model.config import preset
   from medusa_jax.weights.specs import random_model
 
@@ -63,7 +64,7 @@ def heads_dir(tmp_path_factory):
   base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
   medusa_format.write(str(out), random_heads(base, HeadsConfig(4, 1, True), scale=0.3), base,
                       base_model=MODEL, lm_head_copies=False)
-  from medusa_jax.medusa.tree import MC_SIM_7B_63  # the server grafts a 3-token lookup chain on
+  # the server grafts a 3-token lookup chain onto the tree
   (out / "tree.json").write_text(json.dumps({"paths": [list(p) for p in MC_SIM_7B_63 if len(p) <= 4],
                                              "lookup": 3}))
   return str(out)

@@ -1,1 +1,2 @@
-"""Decoding: sampling, the acceptance rules, the plain and the Medusa loops, the `Engine` API."""
+"""Decoding: sampling, the acceptance rules, the drafters (Medusa heads, prompt lookup, draft
+models), the plain and the speculative loops, the `Engine` API."""

@@ -159,6 +159,12 @@ class HybridDrafter(_Stateless):
     return tokens.at[:, chain_nodes].set(self.lookup.continuation(ctx))
 
 
+def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngram: int = 3):
+  """The heads over `tree`, with a prompt-lookup chain of `lookup` tokens grafted on when > 0."""
+  heads = HeadsDrafter(heads_graphdef, tree)
+  return HybridDrafter(heads, LookupDrafter(lookup, max_ngram)) if lookup else heads
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter:
   """A draft model proposes a chain of `num_tokens`, one token per forward over its own KV cache

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter, ModelDrafter
+from medusa_jax.decode.drafters import LookupDrafter, ModelDrafter, heads_drafter
 from medusa_jax.decode.plain import baseline_generate
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_generate
@@ -213,10 +213,8 @@ class Engine:
       return ModelDrafter(graphdef, config.draft_tokens, layers, sampling), state
     if mode == "lookup":
       return LookupDrafter(config.draft_tokens, config.ngram), None
-    heads = HeadsDrafter(self.heads_graphdef, self.tree)
     chain = self.lookup if config.lookup is None else config.lookup
-    params = (self.heads_state, self.draft)
-    return (HybridDrafter(heads, LookupDrafter(chain, config.ngram)) if chain else heads), params
+    return heads_drafter(self.heads_graphdef, self.tree, chain, config.ngram), (self.heads_state, self.draft)
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
                    **settings) -> GenerationResult:

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.coupled import RowSettings, target_logits
-from medusa_jax.decode.drafters import DraftContext, HeadsDrafter, HybridDrafter, LookupDrafter
+from medusa_jax.decode.drafters import DraftContext, heads_drafter
 from medusa_jax.decode.plain import Emitted, prefill
 from medusa_jax.decode.speculative import speculative_step
 from medusa_jax.medusa.tree import Tree
@@ -122,25 +122,18 @@ def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, ro
                           functools.partial(target_logits, rows=rows))[:5]
 
 
-def chunk_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int):
-  """What a tree chunk drafts with: the heads over `tree`, with a prompt-lookup chain of `lookup`
-  tokens grafted on when > 0; its `.tree` is what a step verifies."""
-  heads = HeadsDrafter(heads_graphdef, tree)
-  return HybridDrafter(heads, LookupDrafter(lookup)) if lookup else heads
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
                                              "span", "lookup"), donate_argnums=(2,))
 def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
               graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
               steps: int, span: int | None = None, lookup: int = 0):
   """`steps` decode steps (over `tree` with a lookup chain of `lookup` tokens grafted on
-  (`chunk_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
+  (`drafters.heads_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
   first `span` positions (None: all; it must hold every row's length plus what the chunk writes:
   `steps * (depth + 1) + size` of the verified tree). Returns (slots, emitted tokens
   `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  drafter = None if tree is None else chunk_drafter(heads_graphdef, tree, lookup)
+  drafter = None if tree is None else heads_drafter(heads_graphdef, tree, lookup)
   tree = None if drafter is None else drafter.tree
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)

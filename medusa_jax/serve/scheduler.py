@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.decode import slots as device
+from medusa_jax.decode.drafters import heads_drafter
 from medusa_jax.decode.engine import Engine, bucket
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve.metrics import Metrics
@@ -67,7 +68,7 @@ class Scheduler:
     self.engine = engine
     self.lookup = engine.lookup if engine.heads_graphdef is not None else 0
     self.tree = (None if engine.heads_graphdef is None  # what a tree step verifies (with the lookup chain)
-                 else device.chunk_drafter(engine.heads_graphdef, engine.tree, self.lookup).tree)
+                 else heads_drafter(engine.heads_graphdef, engine.tree, self.lookup).tree)
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
     self.slack = 1 if self.tree is None else self.tree.size
     self.max_len = -(-(max_context + self.slack) // 64) * 64
