@@ -40,9 +40,10 @@ class GenerationConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise MedusaError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-    if self.draft_tokens < 1 or self.ngram < 1 or (self.lookup is not None and self.lookup < 0):
-      raise MedusaError(f"draft_tokens and ngram must be >= 1 and lookup >= 0, got "
-                        f"{self.draft_tokens}, {self.ngram}, {self.lookup}")
+    for name, least in (("draft_tokens", 1), ("ngram", 1), ("lookup", 0)):
+      value = getattr(self, name)
+      if value is not None and value < least:
+        raise MedusaError(f"{name} must be >= {least}, got {value}")
     if self.acceptance not in ACCEPTANCES:
       raise MedusaError(f"unknown acceptance {self.acceptance!r}; use lossless or typical")
     if self.max_new_tokens < 1:
