@@ -121,17 +121,23 @@ def tiny_draft():
   return engine
 
 
+DRAFT_TREE = "[[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]"  # depth 3: the chain of k = 3 and more
+
+
 @pytest.mark.parametrize("lengths", [[23], [9, 30, 15, 44]])
-@pytest.mark.parametrize("draft,k", [("self:1", 3), ("other", 4), ("same", 2)])
-def test_draft_model_greedy_equals_the_baseline(tiny_draft, lengths, draft, k):
+@pytest.mark.parametrize("draft,k,tree", [("self:1", 3, None), ("other", 4, None), ("same", 2, None),
+                                          ("self:1", 3, DRAFT_TREE), ("other", 3, DRAFT_TREE),
+                                          ("same", 3, DRAFT_TREE)])
+def test_draft_model_greedy_equals_the_baseline(tiny_draft, lengths, draft, k, tree):
   tiny_draft.set_draft_model(random_model(preset("tiny"), seed={"other": 9, "same": 3}[draft])
                              if draft != "self:1" else draft, ByteTokenizer())
   prompts = _prompts(lengths)
   base, base_n, _, _ = tiny_draft.generate_ids(prompts, max_new_tokens=40, mode="baseline")
-  out, n, steps, _ = tiny_draft.generate_ids(prompts, max_new_tokens=40, mode="draft", draft_tokens=k)
+  out, n, steps, _ = tiny_draft.generate_ids(prompts, max_new_tokens=40, mode="draft", draft_tokens=k,
+                                             draft_tree=tree)
   np.testing.assert_array_equal(n, base_n)
   np.testing.assert_array_equal(out, base)
-  if draft == "same":  # the target drafting for itself: every step accepts all K and adds one
+  if draft == "same":  # the target drafting for itself: every step accepts k (the tree's depth) and adds one
     np.testing.assert_array_equal(steps, 1 + -(-(n - 1) // (k + 1)))
 
 
@@ -160,76 +166,72 @@ def test_bad_draft_models_are_one_line_errors(tiny_draft):
     medusa_jax.load("random:tiny", heads=None, draft_model="random:nope")
 
 
-def _deviation(samples: np.ndarray, starts: np.ndarray, transition: np.ndarray, over: np.ndarray) -> float:
-  """How far sampled sequences `[rows, n]` (after tokens `starts` `[rows]`) stray from the exact
-  next-token distributions `transition` `[V, V]`, in standard deviations: the larger of a pooled
-  chi-square over every (previous, next) pair (as a z-score) and a directed test of the mass on
-  the tokens a draft over-proposes (`over` `[V, V]` bool), where an error in the acceptance
-  probability shows first. Inf for a token outside the support."""
-  prev = np.concatenate([starts[:, None], samples[:, :-1]], axis=1).ravel()
-  nxt = samples.ravel()
-  counts = np.zeros_like(transition)
-  np.add.at(counts, (prev, nxt), 1)
-  n = counts.sum(axis=1, keepdims=True)
-  expected = n * transition
-  if (counts[expected == 0] > 0).any():
-    return np.inf
-  used = (n[:, 0] > 0)[:, None] & (transition > 0)
-  chi2 = np.sum((counts - expected)[used] ** 2 / expected[used])
-  df = used.sum() - (n[:, 0] > 0).sum()
-  mass = np.sum(transition * over, axis=1)
-  directed = (np.sum(counts * over) - np.sum(n[:, 0] * mass)) / np.sqrt(np.sum(n[:, 0] * mass * (1 - mass)))
-  return max((chi2 - df) / np.sqrt(2 * df), abs(directed))
-
-
 def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
-  """Speculative sampling with a draft model (another Markov chain) against the exact transitions
-  of the target: rows start from different tokens, several steps each, 3 drafted tokens per
-  step. The same check fails when the acceptance probability is 3% too high."""
+  """Speculative sampling with a draft model, a chain sampled from its distributions and a tree of
+  its top-k tokens, on a model whose attention matters: every sampled token is scored against the
+  target's exact distribution given everything before it (one teacher-forced forward over prompt +
+  output; `tests/sampling_stats.py`). 1,024 different prompts of mixed lengths, 16 tokens each,
+  several steps per row. The same check passes plain sampling and fails when either acceptance
+  probability is 3% too high."""
   import jax
+  from flax import nnx
 
   from medusa_jax.decode import acceptance
   from medusa_jax.decode.sampling import SamplingParams, sampling_logits
-  from tests.test_medusa import _markov_model
+  from tests.sampling_stats import deviation
 
-  vocab, rows, n = 16, 4096, 32
-  target, draft = _markov_model(vocab, seed=0), _markov_model(vocab, seed=0)
-  noise = np.random.default_rng(1).normal(size=(vocab, vocab)) * 0.5  # a draft near the target
-  draft.lm_head.kernel[...] = draft.lm_head.kernel[...] + jnp.asarray(noise, jnp.float32)
-  sampling = SamplingParams(temperature=0.9, top_p=0.95)
+  rows, n = 2048, 16
+  target = random_model(preset("tiny"), seed=0)
+  target.lm_head.kernel[...] = target.lm_head.kernel[...] * 50  # peaked: most likely tokens ~0.85
+  draft = random_model(preset("tiny"), seed=0)
+  draft.lm_head.kernel[...] = target.lm_head.kernel[...] * 1.4  # the target, overconfident: p / q < 1 often
+  graphdef = nnx.graphdef(target)
+  sampling = SamplingParams(temperature=0.9)  # top-p sorts the vocabulary at every node: slow here
+  prompts = _prompts(np.random.default_rng(2).integers(4, 24, size=rows).tolist())
+  lens = np.asarray([len(p) for p in prompts])
 
-  def transitions(model):
-    logits = model(jnp.arange(vocab)[:, None], jnp.zeros((vocab, 1), jnp.int32))[0][:, 0]
-    return np.asarray(jax.nn.softmax(sampling_logits(logits, sampling)), np.float64)
-
-  p, q = transitions(target), transitions(draft)
-  starts = np.random.default_rng(0).integers(0, vocab - 1, size=rows)
-  prompts = [[3, 5, int(s)] for s in starts]
-
-  kw = dict(max_new_tokens=n, temperature=sampling.temperature, top_p=sampling.top_p, seed=2)
-
-  def run(mode):
+  def run(**settings):  # a new engine each time: it keeps what it compiled
     engine = Engine(target, ByteTokenizer(), max_cache_len=64)
     engine.eos_ids = jnp.asarray([-1], jnp.int32)
     engine.set_draft_model(draft)
-    out, counts, steps, _ = engine.generate_ids(prompts, mode=mode, draft_tokens=3, **kw)
+    out, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, temperature=sampling.temperature,
+                                                top_p=sampling.top_p, seed=2, **settings)
+    assert (counts == n).all()
     return out, counts.sum() / steps.sum()
 
-  out, tokens_per_step = run("draft")
-  assert tokens_per_step > 1.3  # drafts are accepted
-  assert _deviation(run("baseline")[0], starts, p, q > p) < 4  # the check is fair to plain sampling
-  assert _deviation(out, starts, p, q > p) < 4
+  def scored(out):  # the target's and the draft's distributions of each sampled token `[rows * n, V]`
+    seqs = np.zeros((rows, lens.max() + n), np.int32)
+    for i, (p, o) in enumerate(zip(prompts, out)):
+      seqs[i, :len(p) + n] = list(p) + list(o)
+    at = lens[:, None] - 1 + np.arange(n)[None, :]  # the positions predicting each output token
 
-  exact = acceptance.draft_ratio_acceptance
-  monkeypatch.setattr(acceptance, "draft_ratio_acceptance",
-                      lambda tokens, probs, draft_probs, uniform, tree: exact(tokens, probs * 1.03, draft_probs,
-                                                                              uniform, tree))
+    return [np.asarray(forward(nnx.state(model), seqs, at), np.float64).reshape(rows * n, -1)
+            for model in (target, draft)]
+
+  @jax.jit
+  def forward(state, seqs, at):
+    logits = nnx.merge(graphdef, state)(seqs, jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape))[0]
+    return jax.nn.softmax(sampling_logits(jnp.take_along_axis(logits, at[..., None], axis=1), sampling))
+
+  def check(out, drafts):
+    p, q = scored(out)
+    over = q > p if drafts == "chain" else q == q.max(axis=1, keepdims=True)  # sampled / top-1 drafts
+    return deviation(p, out.ravel(), over, np.repeat(np.arange(rows), n))
+
+  assert check(run(mode="baseline")[0], "chain") < 4  # the check is fair to plain sampling
+  for drafts, settings in [("chain", dict(draft_tokens=3)), ("tree", dict(draft_tree=DRAFT_TREE))]:
+    out, tokens_per_step = run(mode="draft", **settings)
+    assert tokens_per_step > 1.5  # drafts are accepted
+    assert check(out, drafts) < 4, drafts
+
+  for drafts, name, settings in [("chain", "draft_ratio_acceptance", dict(draft_tokens=3)),
+                                 ("tree", "lossless_acceptance", dict(draft_tree=DRAFT_TREE))]:
+    exact = getattr(acceptance, name)
+    with monkeypatch.context() as patch:
+      patch.setattr(acceptance, name, lambda tokens, probs, *a, exact=exact: exact(tokens, probs * 1.03, *a))
+      jax.clear_caches()
+      assert check(run(mode="draft", **settings)[0], drafts) > 4, name
   jax.clear_caches()
-  try:
-    wrong = run("draft")[0]
-  finally:
-    jax.clear_caches()
-  assert _deviation(wrong, starts, p, q > p) > 4
 
 
 def test_heads_directory_names_its_lookup_chain(tmp_path):

@@ -31,7 +31,7 @@ def require_positive(args, *names: str) -> None:
 
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
   """`--max-new-tokens`, `--temperature`, `--top-p`, `--acceptance`, `--posterior-threshold`,
-  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--ngram`, `--lookup`, with
+  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--draft-tree`, `--ngram`, `--lookup`, with
   `GenerationConfig`'s defaults."""
   p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
   p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
@@ -45,7 +45,10 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
                  help="typical acceptance delta")
   p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
   p.add_argument("--draft-tokens", type=int, default=_DEFAULTS.draft_tokens,
-                 help="--mode lookup: tokens proposed per step")
+                 help="--mode lookup and draft: tokens proposed per step")
+  p.add_argument("--draft-tree", default=None,
+                 help="--mode draft: a tree of the draft model's top-k tokens instead of a chain (a "
+                      "tree name or a JSON list of paths, whose ranks are the draft's)")
   p.add_argument("--ngram", type=int, default=_DEFAULTS.ngram,
                  help="prompt lookup matches the last N..1 tokens")
   p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
@@ -74,7 +77,7 @@ def generation_config(args, **changes) -> GenerationConfig:
                           top_p=args.top_p, acceptance=args.acceptance,
                           posterior_threshold=args.posterior_threshold,
                           posterior_alpha=args.posterior_alpha, seed=args.seed,
-                          draft_tokens=args.draft_tokens, ngram=args.ngram,
+                          draft_tokens=args.draft_tokens, draft_tree=args.draft_tree, ngram=args.ngram,
                           lookup=args.lookup).replace(**changes)
 
 

@@ -18,7 +18,8 @@ ACCEPTANCES = ("lossless", "typical")
 class GenerationConfig:
   """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
   tokens after the latest earlier match of the last `ngram`..1 tokens), "draft" (the engine's
-  draft model proposes `draft_tokens` tokens), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
+  draft model proposes `draft_tokens` tokens, or with `draft_tree` (a tree spec, `tree.get_tree`)
+  a tree of its top-k tokens: a path's ranks are the draft's), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
   (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup").
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
@@ -36,6 +37,7 @@ class GenerationConfig:
   draft_tokens: int = 4
   ngram: int = 3
   lookup: int | None = None
+  draft_tree: str | None = None
 
   def __post_init__(self):
     if self.mode not in MODES:

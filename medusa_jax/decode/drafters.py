@@ -13,7 +13,8 @@ greedy decoding whatever drafts.
 - `LookupDrafter`: prompt lookup (`lookup.py`), a chain of K tokens.
 - `HybridDrafter`: the heads' tree with the lookup chain grafted under the root
   (`Tree.with_chain`), verified in the same forward.
-- `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens.
+- `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens,
+  or a tree of its top-k tokens (SpecInfer-style).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from medusa_jax.decode.lookup import lookup_continuation
@@ -84,9 +86,9 @@ class Drafter(Protocol):
   def propose(self, params: Any, model: Llama, ctx: DraftContext, state: Any, key: jax.Array) -> Proposal:
     """The tree's tokens from the context and the drafter's state."""
 
-  def commit(self, state: Any, n: jax.Array, keep: jax.Array) -> Any:
-    """The state once `n` `[batch]` tokens (the accepted ones and the bonus) were emitted; rows
-    where `keep` stay as they were."""
+  def commit(self, state: Any, path: jax.Array, n: jax.Array, keep: jax.Array) -> Any:
+    """The state once `n` `[batch]` tokens were emitted: the accepted nodes `path[:, 1:n]` of the
+    tree (`[batch, depth + 1]`, root first) and the bonus; rows where `keep` stay as they were."""
 
 
 class _Stateless:
@@ -98,7 +100,7 @@ class _Stateless:
   def propose(self, params, model: Llama, ctx: DraftContext, state, key) -> Proposal:
     return Proposal(self.tokens(params, model, ctx), None, None)
 
-  def commit(self, state, n, keep) -> None:
+  def commit(self, state, path, n, keep) -> None:
     return None
 
 
@@ -168,20 +170,24 @@ def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngr
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter:
   """A draft model proposes a chain of `num_tokens`, one token per forward over its own KV cache
-  (its state: written K + 1 tokens ahead, rewound to what was accepted). `graphdef` None: the
-  target itself, its first `num_layers` layers then its final norm and lm_head (self-drafting, no
-  extra weights); params: the draft model's state (None when self-drafting). With `sampling` the
-  chain is sampled from the draft's distributions (returned, for the speculative sampling rule),
-  else it is the draft's greedy continuation."""
+  (its state: written K + 1 tokens ahead, rewound to what was accepted), or, with `shape`, a tree
+  whose rank-r child of a node is the draft's r-th most likely next token there (SpecInfer-style;
+  one tree-masked forward per depth, then the accepted path's K/V compacted as the target's are).
+  `graphdef` None: the target itself, its first `num_layers` layers then its final norm and
+  lm_head (self-drafting, no extra weights); params: the draft model's state (None when
+  self-drafting). With `sampling` a chain is sampled from the draft's distributions (returned, for
+  the speculative sampling rule), else it is the draft's greedy continuation; a tree's top-k
+  tokens are deterministic drafts, which the lossless tree rule verifies exactly."""
 
   graphdef: nnx.GraphDef | None
   num_tokens: int
   num_layers: int | None = None
   sampling: SamplingParams | None = None
+  shape: Tree | None = None
 
   @property
   def tree(self) -> Tree:
-    return Tree(chain(self.num_tokens))
+    return self.shape or Tree(chain(self.num_tokens))
 
   def _model(self, params, model: Llama) -> Llama:
     return model if self.graphdef is None else nnx.merge(self.graphdef, params)
@@ -195,6 +201,8 @@ class ModelDrafter:
 
   def propose(self, params, model: Llama, ctx: DraftContext, state: KVCache, key) -> Proposal:
     draft = self._model(params, model)
+    if self.shape is not None:
+      return Proposal(*self._top_k_tree(draft, ctx.root, state))
 
     def step(carry, key):
       token, cache = carry
@@ -215,5 +223,28 @@ class ModelDrafter:
     tokens = jnp.concatenate([ctx.root[:, None], drafted[:-1].T], axis=1)
     return Proposal(tokens, probs, dataclasses.replace(cache, lengths=state.lengths))
 
-  def commit(self, state: KVCache, n: jax.Array, keep: jax.Array) -> KVCache:
-    return dataclasses.replace(state, lengths=jnp.where(keep, state.lengths, state.lengths + n))
+  def _top_k_tree(self, draft: Llama, root: jax.Array, cache: KVCache):
+    """depth + 1 forwards of the whole tree (tree mask, K/V written after each row's prefix): after
+    forward d the nodes of depth d + 1 take their parents' ranked tokens; nodes attend only to
+    their ancestors, so deeper nodes' placeholder tokens never change shallower ones. The last
+    forward writes every node's K/V. Returns (tokens `[batch, T]`, None, cache)."""
+    tree = self.shape
+    positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
+    parents = jnp.asarray(np.maximum(tree.parents, 0))
+    ranks = jnp.asarray([0] + [p[-1] for p in tree.paths])
+    depths = jnp.asarray(tree.depths)
+    tokens = jnp.zeros((root.shape[0], tree.size), jnp.int32).at[:, 0].set(root)
+    for d in range(tree.depth + 1):
+      logits, _, written = draft(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask),
+                                 num_layers=self.num_layers)
+      if d < tree.depth:
+        top = jax.lax.top_k(jnp.take(logits, parents, axis=1), tree.topk)[1]  # [b, T, k] at each parent
+        ranked = jnp.take_along_axis(top, jnp.broadcast_to(ranks[None, :, None], top.shape[:2] + (1,)),
+                                     axis=-1)[..., 0]
+        tokens = jnp.where(depths[None, :] == d + 1, ranked.astype(jnp.int32), tokens)
+    return tokens, None, written
+
+  def commit(self, state: KVCache, path: jax.Array, n: jax.Array, keep: jax.Array) -> KVCache:
+    # the root and the accepted nodes: contiguous in a chain, moved together in a tree
+    moved = state.commit_path(path, n) if self.shape is not None else state.advance(n)
+    return dataclasses.replace(moved, lengths=jnp.where(keep, state.lengths, moved.lengths))

@@ -210,7 +210,8 @@ class Engine:
     if mode == "draft":
       graphdef, state, layers = self._draft_model
       sampling = config.rule if isinstance(config.rule, SamplingParams) else None
-      return ModelDrafter(graphdef, config.draft_tokens, layers, sampling), state
+      shape = get_tree(config.draft_tree, vocab_size=self.config.vocab_size) if config.draft_tree else None
+      return ModelDrafter(graphdef, config.draft_tokens, layers, sampling, shape), state
     if mode == "lookup":
       return LookupDrafter(config.draft_tokens, config.ngram), None
     chain = self.lookup if config.lookup is None else config.lookup

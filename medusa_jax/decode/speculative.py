@@ -59,7 +59,7 @@ def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx
   reads (the server's per-row sampling, `coupled.target_logits`). Returns (emitted
   `[batch, depth + 1]`, emitted count `[batch]`, the cache with the accepted path committed, the
   next root `[batch]`, the hidden state at the last accepted node `[batch, embed]`, the drafter's
-  state). One vocab matmul over every tree node gives the logits for acceptance and the bonus."""
+  state, the kept path's nodes `[batch, depth + 1]` for `Drafter.commit`). One vocab matmul over every tree node gives the logits for acceptance and the bonus."""
   tree = drafter.tree
   key_draft, key_accept = jax.random.split(key)
   tokens, draft_probs, state = drafter.propose(params, model, ctx, state, key_draft)
@@ -68,7 +68,7 @@ def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx
     logits = target(logits, positions + 1)
   path, accepted, last, bonus = accept(tokens, logits, tree, rule, key_accept, draft_probs)
   emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
-  return emitted, n, cache, bonus, last_hidden, state
+  return emitted, n, cache, bonus, last_hidden, state, path
 
 
 @jax.tree_util.register_dataclass
@@ -106,12 +106,12 @@ def speculative_generate(state: nnx.State, params, tokens: jax.Array, prompt_len
 
   def body(c: _Carry) -> _Carry:
     key, sub = jax.random.split(c.key)
-    new, n, cache, root, hidden, state = speculative_step(model, drafter, params, c.cache, c.ctx, c.state,
-                                                          sub, rule)
+    new, n, cache, root, hidden, state, path = speculative_step(model, drafter, params, c.cache, c.ctx,
+                                                                c.state, sub, rule)
     done = c.emitted.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, c.cache.lengths, cache.lengths))
-    return _Carry(cache, c.ctx.advance(new, n, root, hidden, done), drafter.commit(state, n, done), c.emitted.record(new, n, eos_ids, max_new_tokens),
-                  c.steps + (~done).astype(jnp.int32), key)
+    return _Carry(cache, c.ctx.advance(new, n, root, hidden, done), drafter.commit(state, path, n, done),
+                  c.emitted.record(new, n, eos_ids, max_new_tokens), c.steps + (~done).astype(jnp.int32), key)
 
   state = drafter.start(params, model, tokens, prompt_lens, cache_len, cache_dtype, mesh)
   end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body,
