@@ -31,7 +31,7 @@ def test_benchmark_cli(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
                          str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
                          "--tree", "chain3", "--max-new-tokens", "12", "--batch-size", "2",
-                         "--modes", "medusa", "lookup", "hybrid", "--lookup", "3",
+                         "--modes", "medusa", "lookup", "hybrid", "hybrid:min_ngram=2", "--lookup", "3",
                          "--out", str(out), "--plot", str(tmp_path / "p.png")],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
@@ -45,7 +45,7 @@ def test_benchmark_cli(tmp_path):
   assert o["speedup"] == pytest.approx(o["mean_accepted_tokens"] / o["step_cost_ratio"], rel=1e-9)
   assert len(r["prompts"]) == 4 and (tmp_path / "p.png").stat().st_size > 0
   assert "overall" in proc.stdout
-  assert set(r["modes"]) == {"medusa", "lookup", "hybrid"} and r["modes"]["medusa"]["overall"] == o
+  assert set(r["modes"]) == {"medusa", "lookup", "hybrid", "hybrid:min_ngram=2"} and r["modes"]["medusa"]["overall"] == o
   for m in r["modes"].values():  # every drafter is lossless under greedy decoding
     assert m["overall"]["identical_fraction"] == 1.0
   assert "[hybrid]" in proc.stdout

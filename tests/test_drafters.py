@@ -85,7 +85,8 @@ def _prompts(lengths, seed=5):
 @pytest.mark.parametrize("lengths", [[23], [9, 30, 15, 44]])
 @pytest.mark.parametrize("settings", [dict(mode="lookup", draft_tokens=4, ngram=3),
                                       dict(mode="lookup", draft_tokens=1, ngram=1),
-                                      dict(mode="medusa", lookup=5, ngram=2)])
+                                      dict(mode="medusa", lookup=5, ngram=2),
+                                      dict(mode="medusa", lookup=4, ngram=3, min_ngram=2)])
 def test_greedy_output_equals_the_baseline(tiny, lengths, settings):
   prompts = _prompts(lengths)
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=40, mode="baseline")
@@ -105,7 +106,27 @@ def test_lookup_accepts_the_repeated_text(tiny):
   assert n_l[0] / steps[0] > 1.5
 
 
+def test_gated_chain_runs_the_heads_tree_without_a_long_enough_match(tiny):
+  """`min_ngram`: steps with no earlier occurrence of the last n >= min_ngram tokens verify the
+  heads' tree alone. Never matched (min_ngram beyond any repeat): the heads' steps exactly; always
+  matched (the tiny model loops, so its text repeats): the hybrid's steps exactly."""
+  prompts = _prompts([9, 30, 15, 44])
+
+  def steps(**settings):
+    out, n, steps, _ = tiny.generate_ids(prompts, max_new_tokens=60, mode="medusa", **settings)
+    return out, steps
+
+  heads, hybrid = steps(lookup=0), steps(lookup=3, ngram=1)
+  never, always = steps(lookup=3, ngram=1, min_ngram=100), steps(lookup=3, ngram=1, min_ngram=1)
+  for out, _ in (hybrid, never, always):
+    np.testing.assert_array_equal(out, heads[0])
+  np.testing.assert_array_equal(never[1], heads[1])
+  np.testing.assert_array_equal(always[1], hybrid[1])
+  assert (hybrid[1] < heads[1]).any()  # the chain is worth something here
+
+
 @pytest.mark.parametrize("bad,match", [(dict(draft_tokens=0), "draft_tokens"), (dict(ngram=0), "ngram"),
+                                       (dict(min_ngram=-1), "min_ngram"),
                                        (dict(lookup=-1), "lookup"), (dict(mode="nope"), "unknown mode")])
 def test_bad_settings_are_one_line_errors(tiny, bad, match):
   with pytest.raises(MedusaError, match=match):

@@ -7,7 +7,8 @@
 `medusa` (as `generate` decodes by default: the heads' tree, with the lookup chain their
 `tree.json` names), `heads` (the heads' tree alone), `lookup` (prompt lookup, `--draft-tokens`,
 `--ngram`), `hybrid` (the heads' tree plus a lookup chain of `--lookup` tokens, default the
-heads' own or `--draft-tokens`), `draft` (the `--draft-model`'s chain of `--draft-tokens`). The `medusa_*`
+heads' own or `--draft-tokens`), `draft` (the `--draft-model`'s chain of `--draft-tokens`); any of
+them with generation settings of its own after a colon (`medusa:min_ngram=2,lookup=6`). The `medusa_*`
 fields of the results are the variant's; the top-level tables are the first variant's, and
 `modes` holds each one's.
 
@@ -78,8 +79,9 @@ def main(argv=None):
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--max-prompts", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
-  p.add_argument("--modes", nargs="+", choices=VARIANTS, default=["medusa"],
-                 help="speculative variants to time against the baseline (module docstring)")
+  p.add_argument("--modes", nargs="+", default=["medusa"],
+                 help=f"speculative variants to time against the baseline: {', '.join(VARIANTS)}, each "
+                      "optionally with settings of its own, e.g. medusa:min_ngram=2 (module docstring)")
   add_generation_flags(p)
   add_mesh_flag(p)
   add_draft_model_flag(p)
@@ -122,7 +124,9 @@ def main(argv=None):
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab, mesh=args.mesh,
                            draft_model=args.draft_model)
-  needed = {"medusa" if m in ("hybrid", "heads") else m for m in args.modes} | ({"medusa"} if args.heads_accuracy else set())
+  config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
+  variants = {m: _variant(config, m, engine.lookup) for m in args.modes}
+  needed = {c.mode for c in variants.values()} | ({"medusa"} if args.heads_accuracy else set())
   for mode in needed:
     engine.resolve_mode(mode)  # a clear error when the heads or the draft model are missing
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
@@ -131,8 +135,6 @@ def main(argv=None):
       write_json(args.out, {"heads_accuracy": accuracy}, indent=2)
     return
   # At temperature > 0 the two modes draw different samples, so identical_fraction says nothing.
-  config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
-  variants = {m: _variant(config, m, engine.lookup) for m in args.modes}
   warm = engine.encode(convs[0].user_turns[0])
   for c in [config.replace(mode="baseline"), *variants.values()]:  # warm-up: compile before timing
     engine.generate_ids([warm] * args.batch_size, c)
@@ -189,13 +191,28 @@ def main(argv=None):
     _plot(result, args.plot)
 
 
-def _variant(config, mode: str, heads_lookup: int):
-  """The `GenerationConfig` of a `--modes` variant (`heads_lookup`: the heads' own lookup chain)."""
+def _variant(config, spec: str, heads_lookup: int):
+  """The `GenerationConfig` of a `--modes` variant, `NAME[:key=value,...]` (`heads_lookup`: the
+  heads' own lookup chain)."""
+  mode, _, overrides = spec.partition(":")
+  if mode not in VARIANTS:
+    raise MedusaError(f"unknown --modes variant {mode!r}; use one of {', '.join(VARIANTS)}")
+  changes = {}
+  for item in filter(None, overrides.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise MedusaError(f"--modes {spec}: settings are key=value, got {item!r}")
+    for kind in (int, float, str):
+      try:
+        changes[key] = kind(value)
+        break
+      except ValueError:
+        pass
   if mode in ("lookup", "draft", "medusa"):
-    return config.replace(mode=mode)
+    return config.replace(mode=mode, **changes)
   if mode == "heads":
-    return config.replace(mode="medusa", lookup=0)
-  return config.replace(mode="medusa", lookup=config.lookup or heads_lookup or config.draft_tokens)
+    return config.replace(mode="medusa", lookup=0, **changes)
+  return config.replace(mode="medusa", lookup=config.lookup or heads_lookup or config.draft_tokens, **changes)
 
 
 def _tables(rows: list[dict]) -> dict:

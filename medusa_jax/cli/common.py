@@ -31,7 +31,7 @@ def require_positive(args, *names: str) -> None:
 
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
   """`--max-new-tokens`, `--temperature`, `--top-p`, `--acceptance`, `--posterior-threshold`,
-  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--draft-tree`, `--ngram`, `--lookup`, with
+  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--draft-tree`, `--ngram`, `--min-ngram`, `--lookup`, with
   `GenerationConfig`'s defaults."""
   p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
   p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
@@ -51,6 +51,9 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
                       "tree name or a JSON list of paths, whose ranks are the draft's)")
   p.add_argument("--ngram", type=int, default=_DEFAULTS.ngram,
                  help="prompt lookup matches the last N..1 tokens")
+  p.add_argument("--min-ngram", type=int, default=_DEFAULTS.min_ngram,
+                 help="graft the lookup chain only on steps where the last N or more tokens occurred "
+                      "before (0: on every step)")
   p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
                  help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree "
                       "(0: the heads alone; default: the heads' tree.json, else 0)")
@@ -78,6 +81,7 @@ def generation_config(args, **changes) -> GenerationConfig:
                           posterior_threshold=args.posterior_threshold,
                           posterior_alpha=args.posterior_alpha, seed=args.seed,
                           draft_tokens=args.draft_tokens, draft_tree=args.draft_tree, ngram=args.ngram,
+                          min_ngram=args.min_ngram,
                           lookup=args.lookup).replace(**changes)
 
 

@@ -12,7 +12,9 @@ greedy decoding whatever drafts.
 - `HeadsDrafter`: Medusa or Hydra heads' guesses at the last accepted position.
 - `LookupDrafter`: prompt lookup (`lookup.py`), a chain of K tokens.
 - `HybridDrafter`: the heads' tree with the lookup chain grafted under the root
-  (`Tree.with_chain`), verified in the same forward.
+  (`Tree.with_chain`), verified in the same forward; `GatedHybrid`: only on steps where the chain
+  has a long enough match to propose, else the heads' smaller tree (`speculative_step` runs one
+  of its `branches`).
 - `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens,
   or a tree of its top-k tokens (SpecInfer-style).
 """
@@ -161,10 +163,41 @@ class HybridDrafter(_Stateless):
     return tokens.at[:, chain_nodes].set(self.lookup.continuation(ctx))
 
 
-def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngram: int = 3):
-  """The heads over `tree`, with a prompt-lookup chain of `lookup` tokens grafted on when > 0."""
+@dataclasses.dataclass(frozen=True)
+class GatedHybrid:
+  """The hybrid on steps where some row's last `min_ngram` or more tokens occurred before (its
+  chain has a real match to propose), else the heads' tree alone (a smaller forward): a step runs
+  one of its `branches`, chosen by `use_first` on the device (`speculative_step`). Params: the
+  heads'."""
+
+  hybrid: HybridDrafter
+  min_ngram: int
+
+  @property
+  def tree(self) -> Tree:
+    return self.hybrid.tree
+
+  @property
+  def branches(self) -> tuple[HybridDrafter, HeadsDrafter]:
+    return self.hybrid, self.hybrid.heads
+
+  def use_first(self, ctx: DraftContext) -> jax.Array:
+    lookup = self.hybrid.lookup
+    found = lookup_continuation(ctx.history, ctx.length, 1, lookup.max_ngram, self.min_ngram)[1]
+    return jnp.any(found > 0)
+
+  start, commit = _Stateless.start, _Stateless.commit
+
+
+def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngram: int = 3,
+                  min_ngram: int = 0):
+  """The heads over `tree`, with a prompt-lookup chain of `lookup` tokens grafted on when > 0: on
+  every step (`min_ngram` 0), or on steps with a match of `min_ngram` or more tokens."""
   heads = HeadsDrafter(heads_graphdef, tree)
-  return HybridDrafter(heads, LookupDrafter(lookup, max_ngram)) if lookup else heads
+  if not lookup:
+    return heads
+  hybrid = HybridDrafter(heads, LookupDrafter(lookup, max(max_ngram, min_ngram)))
+  return GatedHybrid(hybrid, min_ngram) if min_ngram else hybrid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,8 @@ class Engine:
     if mode == "lookup":
       return LookupDrafter(config.draft_tokens, config.ngram), None
     chain = self.lookup if config.lookup is None else config.lookup
-    return heads_drafter(self.heads_graphdef, self.tree, chain, config.ngram), (self.heads_state, self.draft)
+    return (heads_drafter(self.heads_graphdef, self.tree, chain, config.ngram, config.min_ngram),
+            (self.heads_state, self.draft))
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
                    **settings) -> GenerationResult:

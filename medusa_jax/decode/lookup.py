@@ -11,16 +11,17 @@ from medusa_jax.model.rows import gather_rows
 
 
 def lookup_continuation(history: jax.Array, length: jax.Array, num_tokens: int,
-                        max_ngram: int) -> tuple[jax.Array, jax.Array]:
+                        max_ngram: int, min_ngram: int = 1) -> tuple[jax.Array, jax.Array]:
   """history `[batch, H]` (prompt then output, valid below `length` `[batch]`) -> (the
   `num_tokens` tokens after the latest match `[batch, num_tokens]`, how many of them lie inside
-  the history `[batch]`, 0 where no n-gram matched; the others are 0). A match is the last n tokens occurring
-  again ending before the last position; the longest n that matches wins, then the latest start."""
+  the history `[batch]`, 0 where no n-gram matched; the others are 0). A match is the last n
+  tokens (`max_ngram` >= n >= `min_ngram`) occurring again ending before the last position; the
+  longest n that matches wins, then the latest start."""
   batch, size = history.shape
   starts = jnp.arange(size)[None, :]
   padded = jnp.pad(history, ((0, 0), (0, max_ngram)), constant_values=-1)
   cont = jnp.full((batch,), -1, jnp.int32)  # where the continuation starts; -1: no match yet
-  for n in range(max_ngram, 0, -1):
+  for n in range(max_ngram, min_ngram - 1, -1):
     suffix = gather_rows(history, length[:, None] - n + jnp.arange(n)[None, :])  # [b, n]
     match = (starts + n < length[:, None]) & (length[:, None] > n)
     for i in range(n):

@@ -123,17 +123,17 @@ def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, ro
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
-                                             "span", "lookup"), donate_argnums=(2,))
+                                             "span", "lookup", "min_ngram"), donate_argnums=(2,))
 def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
               graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
-              steps: int, span: int | None = None, lookup: int = 0):
-  """`steps` decode steps (over `tree` with a lookup chain of `lookup` tokens grafted on
-  (`drafters.heads_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
+              steps: int, span: int | None = None, lookup: int = 0, min_ngram: int = 0):
+  """`steps` decode steps (over `tree` with a lookup chain of `lookup` tokens grafted on, on steps
+  with a match of `min_ngram` or more tokens if > 0 (`drafters.heads_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
   first `span` positions (None: all; it must hold every row's length plus what the chunk writes:
   `steps * (depth + 1) + size` of the verified tree). Returns (slots, emitted tokens
   `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  drafter = None if tree is None else heads_drafter(heads_graphdef, tree, lookup)
+  drafter = None if tree is None else heads_drafter(heads_graphdef, tree, lookup, min_ngram=min_ngram)
   tree = None if drafter is None else drafter.tree
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)

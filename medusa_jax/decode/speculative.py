@@ -59,7 +59,26 @@ def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx
   reads (the server's per-row sampling, `coupled.target_logits`). Returns (emitted
   `[batch, depth + 1]`, emitted count `[batch]`, the cache with the accepted path committed, the
   next root `[batch]`, the hidden state at the last accepted node `[batch, embed]`, the drafter's
-  state, the kept path's nodes `[batch, depth + 1]` for `Drafter.commit`). One vocab matmul over every tree node gives the logits for acceptance and the bonus."""
+  state, the kept path's nodes `[batch, depth + 1]` for `Drafter.commit`). One vocab matmul over
+  every tree node gives the logits for acceptance and the bonus. A drafter with `branches`
+  (`GatedHybrid`) runs the first or the second (stateless) one, as its `use_first` says."""
+  if not hasattr(drafter, "branches"):
+    return _step(model, drafter, params, cache, ctx, state, key, rule, target)
+  depth = drafter.tree.depth
+
+  def run(branch):
+    def step(cache):
+      emitted, n, cache, root, hidden, _, path = _step(model, branch, params, cache, ctx, None, key, rule,
+                                                       target)
+      pad = ((0, 0), (0, depth - branch.tree.depth))
+      return jnp.pad(emitted, pad), n, cache, root, hidden, state, jnp.pad(path, pad, mode="edge")
+    return step
+
+  return jax.lax.cond(drafter.use_first(ctx), *map(run, drafter.branches), cache)
+
+
+def _step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext, state, key: jax.Array,
+          rule: Rule, target):
   tree = drafter.tree
   key_draft, key_accept = jax.random.split(key)
   tokens, draft_probs, state = drafter.propose(params, model, ctx, state, key_draft)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.decode import slots as device
+from medusa_jax.decode.config import GenerationConfig
 from medusa_jax.decode.drafters import heads_drafter
 from medusa_jax.decode.engine import Engine, bucket
 from medusa_jax.errors import MedusaError
@@ -67,6 +68,7 @@ class Scheduler:
       raise MedusaError("max_batch and chunk_steps must be at least 1")
     self.engine = engine
     self.lookup = engine.lookup if engine.heads_graphdef is not None else 0
+    self.min_ngram = GenerationConfig().min_ngram  # when the chain is grafted, as `generate` does
     self.tree = (None if engine.heads_graphdef is None  # what a tree step verifies (with the lookup chain)
                  else heads_drafter(engine.heads_graphdef, engine.tree, self.lookup).tree)
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
@@ -95,7 +97,7 @@ class Scheduler:
     return device.run_chunk(e.state, e.heads_state if use_tree else None, slots, e.draft, e.eos_ids,
                             graphdef=e.graphdef, heads_graphdef=e.heads_graphdef if use_tree else None,
                             tree=e.tree if use_tree else None, bucket=b, steps=self.chunk_steps, lookup=self.lookup,
-                            span=span)
+                            min_ngram=self.min_ngram, span=span)
 
   def _span(self, b: int) -> int:
     """The positions the next chunk attends to: the smallest of `spans` that holds the longest
