@@ -142,3 +142,26 @@ def test_embedded_model_onnx_decoding_equals_jax(tmp_path):
     assert [r["token_ids"] for r in rows] == [e.token_ids for e in expected]
     if mode == "medusa":
       assert sum(r["new_tokens"] for r in rows) > 1.3 * sum(r["steps"] for r in rows)
+
+
+def test_onnxruntime_genai_runs_the_plain_export(tmp_path):
+  """onnxruntime-genai's own greedy search over the exported graph gives the JAX engine's tokens."""
+  og = pytest.importorskip("onnxruntime_genai")
+  from medusa_jax.onnx.export import export_onnx
+
+  model = random_model(preset("tiny"), seed=3)
+  engine = Engine(model, ByteTokenizer(), max_cache_len=256)
+  export_onnx(str(tmp_path / "m"), model, None, eos_ids=model.config.eos_token_ids,
+              pad_id=model.config.pad_token_id)
+  prompt = list(np.random.default_rng(2).integers(3, 500, size=9))
+  ref, n, _, _ = engine.generate_ids([prompt], max_new_tokens=20, mode="baseline")
+  onnx_model = og.Model(str(tmp_path / "m"))
+  params = og.GeneratorParams(onnx_model)
+  params.set_search_options(max_length=len(prompt) + 20, do_sample=False)
+  generator = og.Generator(onnx_model, params)
+  generator.append_tokens(np.asarray([prompt], np.int32))
+  out = []
+  while not generator.is_done():
+    generator.generate_next_token()
+    out.append(int(generator.get_next_tokens()[0]))
+  assert out == [int(t) for t in ref[0, :n[0]]]
