@@ -85,7 +85,7 @@ def _prompts(lengths, seed=5):
 @pytest.mark.parametrize("lengths", [[23], [9, 30, 15, 44]])
 @pytest.mark.parametrize("settings", [dict(mode="lookup", draft_tokens=4, ngram=3),
                                       dict(mode="lookup", draft_tokens=1, ngram=1),
-                                      dict(mode="medusa", lookup=5, ngram=2),
+                                      dict(mode="medusa", lookup=5, ngram=2, min_ngram=0),
                                       dict(mode="medusa", lookup=4, ngram=3, min_ngram=2)])
 def test_greedy_output_equals_the_baseline(tiny, lengths, settings):
   prompts = _prompts(lengths)
@@ -110,13 +110,13 @@ def test_gated_chain_runs_the_heads_tree_without_a_long_enough_match(tiny):
   """`min_ngram`: steps with no earlier occurrence of the last n >= min_ngram tokens verify the
   heads' tree alone. Never matched (min_ngram beyond any repeat): the heads' steps exactly; always
   matched (the tiny model loops, so its text repeats): the hybrid's steps exactly."""
-  prompts = _prompts([9, 30, 15, 44])
+  prompts = _prompts([9, 30])
 
   def steps(**settings):
-    out, n, steps, _ = tiny.generate_ids(prompts, max_new_tokens=60, mode="medusa", **settings)
+    out, n, steps, _ = tiny.generate_ids(prompts, max_new_tokens=40, mode="medusa", **settings)
     return out, steps
 
-  heads, hybrid = steps(lookup=0), steps(lookup=3, ngram=1)
+  heads, hybrid = steps(lookup=0), steps(lookup=3, ngram=1, min_ngram=0)
   never, always = steps(lookup=3, ngram=1, min_ngram=100), steps(lookup=3, ngram=1, min_ngram=1)
   for out, _ in (hybrid, never, always):
     np.testing.assert_array_equal(out, heads[0])
@@ -290,7 +290,7 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   prompts = _prompts([20, 34])
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
 
-  def decode(lookup):
+  def decode(lookup, min_ngram=0):
     slots = device.Slots.init(tiny.config, 2, 256, tiny.dtype)
     out = [[] for _ in prompts]
     for i, p in enumerate(prompts):
@@ -304,15 +304,16 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
     while not bool(np.asarray(slots.done[:2]).all()):
       slots, tokens, counts = device.run_chunk(tiny.state, tiny.heads_state, slots, tiny.draft, tiny.eos_ids,
                                                graphdef=tiny.graphdef, heads_graphdef=tiny.heads_graphdef,
-                                               tree=tiny.tree, bucket=2, steps=2, lookup=lookup)
+                                               tree=tiny.tree, bucket=2, steps=2, lookup=lookup,
+                                               min_ngram=min_ngram)
       for i in range(2):
         out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
       chunks += 1
     return out, chunks
 
   chunks = {}
-  for lookup in (0, 4):
-    out, chunks[lookup] = decode(lookup)
+  for settings in ((0, 0), (4, 0), (4, 2)):  # (lookup, min_ngram)
+    out, chunks[settings] = decode(*settings)
     for i in range(2):
-      assert out[i] == list(base[i][: base_n[i]]), lookup
-  assert chunks[4] < chunks[0]
+      assert out[i] == list(base[i][: base_n[i]]), settings
+  assert chunks[4, 0] < chunks[0, 0] and chunks[4, 2] < chunks[0, 0]

@@ -22,8 +22,9 @@ ALLOWED = {
     "formats": {"errors", "atomic", "model", "medusa", "weights", "training"},
     "tuning": {"errors", "model", "medusa", "decode"},
     "serve": {"errors", "decode"},
+    "onnx": {"errors", "atomic", "model", "medusa"},
     "cli": {"", "errors", "atomic", "model", "medusa", "weights", "decode", "training", "formats",
-            "tuning", "serve"},
+            "tuning", "serve", "onnx"},
     "": {"errors", "model", "medusa", "weights", "decode", "formats"},
 }
 

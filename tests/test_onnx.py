@@ -135,10 +135,10 @@ def test_embedded_model_onnx_decoding_equals_jax(tmp_path):
       medusa_jax.weights.specs.EMBEDDED_MODEL, medusa_type=True))
   for mode in ("baseline", "medusa"):
     proc = subprocess.run([sys.executable, f"{ROOT}/infer/onnx_generate.py", "--model", str(out), "--mode", mode,
-                           "--max-new-tokens", "40", "--json", *sum((["--prompt", p] for p in prompts), [])],
+                           "--max-new-tokens", "32", "--json", *sum((["--prompt", p] for p in prompts), [])],
                           check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    expected = engine.generate(prompts, mode=mode, max_new_tokens=40, lookup=0)
+    expected = engine.generate(prompts, mode=mode, max_new_tokens=32, lookup=0)
     assert [r["token_ids"] for r in rows] == [e.token_ids for e in expected]
     if mode == "medusa":
       assert sum(r["new_tokens"] for r in rows) > 1.3 * sum(r["steps"] for r in rows)
@@ -165,3 +165,24 @@ def test_onnxruntime_genai_runs_the_plain_export(tmp_path):
     generator.generate_next_token()
     out.append(int(generator.get_next_tokens()[0]))
   assert out == [int(t) for t in ref[0, :n[0]]]
+
+
+def test_float16_weights_halve_the_file_and_keep_the_logits(tmp_path):
+  """`dtype="float16"` stores the weights in half precision (computed in float32): about half the
+  bytes, logits within half precision's rounding of the JAX float32 ones."""
+  from medusa_jax.onnx.export import export_onnx
+  from medusa_jax.onnx.runner import OnnxDecoder
+
+  model = random_model(preset("tiny"), seed=3)
+  sizes, logits = {}, {}
+  prompt = np.random.default_rng(4).integers(3, 500, size=(1, 9))
+  past = [np.zeros((1, model.config.num_kv_heads, 0, model.config.head_dim), np.float32)] * (2 * model.config.num_layers)
+  for dtype in ("float32", "float16"):
+    export_onnx(str(tmp_path / dtype), model, None, dtype=dtype)
+    sizes[dtype] = (tmp_path / dtype / "model.onnx.data").stat().st_size
+    logits[dtype] = OnnxDecoder(str(tmp_path / dtype)).forward(prompt, np.arange(9)[None], np.ones((1, 9), bool),
+                                                                past)[0]
+  assert 0.5 < sizes["float16"] / sizes["float32"] < 0.62  # the float32 rotary tables stay
+  ref = np.asarray(model(jnp.asarray(prompt), jnp.arange(9)[None])[0])
+  np.testing.assert_allclose(logits["float32"], ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits["float16"], ref, atol=3e-3 * np.abs(ref).max())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from medusa_jax.atomic import atomic_file, write_json
 from medusa_jax.cli.common import (
@@ -198,7 +199,7 @@ def _variant(config, spec: str, heads_lookup: int):
   if mode not in VARIANTS:
     raise MedusaError(f"unknown --modes variant {mode!r}; use one of {', '.join(VARIANTS)}")
   changes = {}
-  for item in filter(None, overrides.split(",")):
+  for item in filter(None, re.split(r",(?=\w+=)", overrides)):  # a value may hold commas: a tree
     key, eq, value = item.partition("=")
     if not eq:
       raise MedusaError(f"--modes {spec}: settings are key=value, got {item!r}")

@@ -20,9 +20,9 @@ class GenerationConfig:
   tokens after the latest earlier match of the last `ngram`..1 tokens), "draft" (the engine's
   draft model proposes `draft_tokens` tokens, or with `draft_tree` (a tree spec, `tree.get_tree`)
   a tree of its top-k tokens: a path's ranks are the draft's), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
-  (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup"), on every
-  step (`min_ngram` 0) or only on steps where the text's last `min_ngram` or more tokens occurred
-  before (else the heads' tree runs alone, a smaller forward).
+  (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup"), only on steps
+  where the text's last `min_ngram` or more tokens occurred before (else the heads' tree runs
+  alone, a smaller forward; 0: on every step).
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
   `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`
@@ -38,7 +38,7 @@ class GenerationConfig:
   seed: int = 0
   draft_tokens: int = 4
   ngram: int = 3
-  min_ngram: int = 0
+  min_ngram: int = 2
   lookup: int | None = None
   draft_tree: str | None = None
 
