@@ -49,8 +49,9 @@ for head_type in ("medusa", "hydra"):
                             int(mesh.split("=")[1]) if mesh else 1]
     engine = Engine(model, ByteTokenizer(), heads=heads, tree="mc_sim_7b_63", max_cache_len=512,
                     mesh=parse_mesh(mesh, devices) if mesh else None)
-    for mode in ("baseline", "medusa"):
-      r = engine.generate_ids(prompts, max_new_tokens=40, mode=mode)
+    for mode in ("baseline", "medusa", "gated") if head_type == "medusa" else ("baseline", "medusa"):
+      settings = dict(mode="medusa", lookup=3, min_ngram=2) if mode == "gated" else dict(mode=mode)
+      r = engine.generate_ids(prompts, max_new_tokens=40, **settings)
       out[f"{head_type}|{mesh}|{mode}"] = [r.tokens.tolist(), r.num_tokens.tolist()]
     leaves = jax.tree.leaves(engine.state)  # bytes on the first device / all bytes
     out[f"{head_type}|{mesh}|share"] = (sum(l.addressable_shards[0].data.nbytes for l in leaves)
@@ -61,8 +62,8 @@ print(json.dumps(out))
 
 def test_tiny_greedy_on_meshes_equals_one_device():
   """tensor=2, tensor=4, data=2 x tensor=2 and data=2 x fsdp=2 x tensor=2 at batch 4 (mixed prompt
-  lengths): the tokens of one device, plain and Medusa (Medusa and Hydra heads), with the
-  weights split over the devices."""
+  lengths): the tokens of one device, plain and Medusa (Medusa and Hydra heads; Medusa also with
+  the gated lookup chain), with the weights split over the devices."""
   out = json.loads(_run(TINY_MESHES, 8).stdout.strip().splitlines()[-1])
   assert out["medusa|tensor=4|share"] < 0.35 and out["medusa|None|share"] == 1.0  # weights split
   for key, value in out.items():
