@@ -51,8 +51,8 @@ def test_logits_match_jax_for_a_prefill_and_a_cached_tree_step(exported):
   rng = np.random.default_rng(1)
   prompt = rng.integers(3, 500, size=(1, 13))
   nodes = rng.integers(3, 500, size=(1, TREE.size))
-  past = [np.zeros((1, model.config.num_kv_heads, 0, model.config.head_dim), np.float32)] * (2 * model.config.num_layers)
-  logits, cache, medusa = decoder.forward(prompt, np.arange(13)[None], np.ones((1, 13), bool), past)
+  logits, cache, medusa = decoder.forward(prompt, np.arange(13)[None], np.ones((1, 13), bool),
+                                          decoder.empty_past(1))
   ref, hidden, _ = model(jnp.asarray(prompt), jnp.arange(13)[None])
   np.testing.assert_allclose(logits, np.asarray(ref), rtol=1e-4, atol=1e-4)
   feats = engine.heads.hidden(hidden)
@@ -176,12 +176,11 @@ def test_float16_weights_halve_the_file_and_keep_the_logits(tmp_path):
   model = random_model(preset("tiny"), seed=3)
   sizes, logits = {}, {}
   prompt = np.random.default_rng(4).integers(3, 500, size=(1, 9))
-  past = [np.zeros((1, model.config.num_kv_heads, 0, model.config.head_dim), np.float32)] * (2 * model.config.num_layers)
   for dtype in ("float32", "float16"):
     export_onnx(str(tmp_path / dtype), model, None, dtype=dtype)
     sizes[dtype] = (tmp_path / dtype / "model.onnx.data").stat().st_size
-    logits[dtype] = OnnxDecoder(str(tmp_path / dtype)).forward(prompt, np.arange(9)[None], np.ones((1, 9), bool),
-                                                                past)[0]
+    decoder = OnnxDecoder(str(tmp_path / dtype))
+    logits[dtype] = decoder.forward(prompt, np.arange(9)[None], np.ones((1, 9), bool), decoder.empty_past(1))[0]
   assert 0.5 < sizes["float16"] / sizes["float32"] < 0.62  # the float32 rotary tables stay
   ref = np.asarray(model(jnp.asarray(prompt), jnp.arange(9)[None])[0])
   np.testing.assert_allclose(logits["float32"], ref, rtol=1e-4, atol=1e-4)

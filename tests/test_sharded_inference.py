@@ -44,7 +44,7 @@ prompts = _prompts(1, [5, 17, 9, 30])
 out = {}
 for head_type in ("medusa", "hydra"):
   heads = random_heads(model, HeadsConfig(4, 1, True, head_type), scale=0.3)
-  for mesh in (None, "tensor=2", "tensor=4", "data=2,tensor=2", "data=2,fsdp=2,tensor=2"):
+  for mesh in (None, "tensor=4", "data=2,tensor=2", "data=2,fsdp=2,tensor=2"):
     devices = jax.devices()[:8 if mesh and "fsdp" in mesh else 4 if mesh and "data" in mesh else
                             int(mesh.split("=")[1]) if mesh else 1]
     engine = Engine(model, ByteTokenizer(), heads=heads, tree="mc_sim_7b_63", max_cache_len=512,
@@ -61,7 +61,7 @@ print(json.dumps(out))
 
 
 def test_tiny_greedy_on_meshes_equals_one_device():
-  """tensor=2, tensor=4, data=2 x tensor=2 and data=2 x fsdp=2 x tensor=2 at batch 4 (mixed prompt
+  """tensor=4, data=2 x tensor=2 and data=2 x fsdp=2 x tensor=2 at batch 4 (mixed prompt
   lengths): the tokens of one device, plain and Medusa (Medusa and Hydra heads; Medusa also with
   the gated lookup chain), with the weights split over the devices."""
   out = json.loads(_run(TINY_MESHES, 8).stdout.strip().splitlines()[-1])

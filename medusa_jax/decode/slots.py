@@ -127,9 +127,10 @@ def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, ro
 def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
               graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
               steps: int, span: int | None = None, lookup: int = 0, min_ngram: int = 0):
-  """`steps` decode steps (over `tree` with a lookup chain of `lookup` tokens grafted on, on steps
-  with a match of `min_ngram` or more tokens if > 0 (`drafters.heads_drafter`), or plain when `tree` is None) for the first `bucket` slots, attending to their
-  first `span` positions (None: all; it must hold every row's length plus what the chunk writes:
+  """`steps` decode steps for the first `bucket` slots: over `tree` with a lookup chain of `lookup`
+  tokens grafted on (on steps with a match of `min_ngram` or more tokens if > 0;
+  `drafters.heads_drafter`), or plain when `tree` is None. They attend to their first `span`
+  positions (None: all; it must hold every row's length plus what the chunk writes:
   `steps * (depth + 1) + size` of the verified tree). Returns (slots, emitted tokens
   `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)

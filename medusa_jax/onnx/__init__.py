@@ -1,1 +1,2 @@
-"""ONNX export of the decoder and Medusa heads (`graph.py`, `export.py`), and greedy tree decoding on onnxruntime (`runner.py`)."""
+"""ONNX export of the decoder and Medusa heads (`graph.py`, `export.py`), and greedy tree decoding
+on onnxruntime (`runner.py`)."""

@@ -60,6 +60,10 @@ class OnnxDecoder:
 
       self.tokenizer = AutoTokenizer.from_pretrained(directory)
 
+  def empty_past(self, batch: int) -> list[np.ndarray]:
+    """The `past_key_values` of a prefill: `2 * layers` arrays `[batch, kv_heads, 0, head_dim]`."""
+    return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)] * (2 * self.num_layers)
+
   def forward(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list[np.ndarray],
               tree_mask: np.ndarray | None = None):
     """ids, positions `[batch, seq]`, mask `[batch, past + seq]`, past `2 * layers` arrays
@@ -91,8 +95,8 @@ class OnnxDecoder:
     for r, p in enumerate(prompts):
       ids[r, :len(p)] = p
     valid = np.arange(longest)[None, :] < lens[:, None]
-    past = [np.zeros((b, self.kv_heads, 0, self.head_dim), np.float32)] * (2 * self.num_layers)
-    logits, cache, heads = self.forward(ids, np.broadcast_to(np.arange(longest), ids.shape), valid, past)
+    logits, cache, heads = self.forward(ids, np.broadcast_to(np.arange(longest), ids.shape), valid,
+                                        self.empty_past(b))
     rows = np.arange(b)
     root = logits[rows, lens - 1].argmax(-1)
     heads = None if heads is None else heads[:, rows, lens - 1]  # [heads, batch, vocab]
