@@ -282,15 +282,18 @@ def test_heads_directory_names_its_lookup_chain(tmp_path):
 
 
 def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
-  """The server's slots (`decode/slots.py`) keep each row's tokens, so a tree chunk grafts the
-  lookup chain too: two greedy rows decoded in chunks give the baseline's tokens, and the chain
-  is accepted on repetitive text (more tokens per step than the heads alone)."""
+  """The server's slots (`decode/slots.py`) keep each row's tokens, so a chunk drafts with prompt
+  lookup too, grafted onto the heads' tree (always or gated) or alone: two greedy rows decoded in
+  chunks give the baseline's tokens, and the chain is accepted on repetitive text (fewer chunks
+  than the heads alone)."""
   from medusa_jax.decode import slots as device
+  from medusa_jax.decode.config import GenerationConfig
 
   prompts = _prompts([20, 34])
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
 
-  def decode(lookup, min_ngram=0):
+  def decode(mode, **settings):
+    drafter, params = tiny.drafter(mode, GenerationConfig(**settings))
     slots = device.Slots.init(tiny.config, 2, 256, tiny.dtype)
     out = [[] for _ in prompts]
     for i, p in enumerate(prompts):
@@ -302,18 +305,16 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
       out[i] = [int(first)]
     chunks = 0
     while not bool(np.asarray(slots.done[:2]).all()):
-      slots, tokens, counts = device.run_chunk(tiny.state, tiny.heads_state, slots, tiny.draft, tiny.eos_ids,
-                                               graphdef=tiny.graphdef, heads_graphdef=tiny.heads_graphdef,
-                                               tree=tiny.tree, bucket=2, steps=2, lookup=lookup,
-                                               min_ngram=min_ngram)
+      slots, tokens, counts = device.run_chunk(tiny.state, params, slots, tiny.eos_ids, graphdef=tiny.graphdef,
+                                               drafter=drafter, bucket=2, steps=2)
       for i in range(2):
         out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
       chunks += 1
-    return out, chunks
-
-  chunks = {}
-  for settings in ((0, 0), (4, 0), (4, 2)):  # (lookup, min_ngram)
-    out, chunks[settings] = decode(*settings)
     for i in range(2):
-      assert out[i] == list(base[i][: base_n[i]]), settings
-  assert chunks[4, 0] < chunks[0, 0] and chunks[4, 2] < chunks[0, 0]
+      assert out[i] == list(base[i][: base_n[i]]), (mode, settings)
+    return chunks
+
+  heads = decode("medusa", lookup=0)
+  assert decode("medusa", lookup=4, min_ngram=0) < heads
+  assert decode("medusa", lookup=4, min_ngram=2) < heads
+  assert decode("lookup", draft_tokens=4) < heads

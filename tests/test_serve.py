@@ -218,10 +218,11 @@ def test_unknown_route_is_a_json_404(server):
   assert r.status_code == 404 and "error" in r.json()
 
 
-def test_full_queue_answers_429_and_sigterm_finishes_in_flight(tmp_path, heads_dir):
+def test_full_queue_answers_429_and_sigterm_finishes_in_flight(tmp_path):
   """One slot and a queue of one: a third concurrent request gets 429. SIGTERM while a request
-  streams: it still completes, and the process exits without a traceback."""
-  proc, base = _start(tmp_path, "--model", MODEL, "--heads", heads_dir, "--max-batch", "1",
+  streams: it still completes, and the process exits without a traceback. (This server drafts by
+  prompt lookup alone: `--heads none --lookup 3`.)"""
+  proc, base = _start(tmp_path, "--model", MODEL, "--heads", "none", "--lookup", "3", "--max-batch", "1",
                       "--max-queue", "1", "--max-context", "256", "--chunk-steps", "1")
   body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 150,
           "temperature": 0, "ignore_eos": True}

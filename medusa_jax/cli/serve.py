@@ -2,6 +2,7 @@
 
     python infer/serve.py                                   # the embedded model + shipped heads on 127.0.0.1:8000
     python infer/serve.py --heads none --max-batch 16       # the plain model
+    python infer/serve.py --heads none --lookup 4           # the plain model with prompt lookup
 
 Endpoints: GET /health (200 once compiled), GET /v1/models, POST /v1/chat/completions and
 /v1/completions (`stream`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `ignore_eos`),
@@ -40,6 +41,12 @@ def main(argv=None):
   p.add_argument("--chunk-steps", type=int, default=4, help="decode steps per device call")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--served-model-name", default=None, help="the model id clients ask for")
+  p.add_argument("--lookup", type=int, default=None,
+                 help="a prompt-lookup chain of K tokens: grafted onto the heads' tree (default: the heads' "
+                      "tree.json), or with --heads none prompt lookup alone (default: plain decoding)")
+  p.add_argument("--min-ngram", type=int, default=None,
+                 help="graft the chain only on steps where the last N or more tokens occurred before "
+                      "(0: every step; default as infer/generate.py)")
   add_mesh_flag(p)
   args = p.parse_args(argv)
   require_positive(args, "max_batch", "max_context", "max_queue", "chunk_steps", "port")
@@ -53,7 +60,8 @@ def main(argv=None):
   engine = medusa_jax.load(args.model, heads=None if args.heads == "none" else args.heads, tree=args.tree,
                            dtype=args.dtype, draft_vocab=args.draft_vocab, mesh=args.mesh)
   scheduler = Scheduler(engine, max_batch=args.max_batch, max_context=args.max_context,
-                        chunk_steps=args.chunk_steps, max_queue=args.max_queue)
+                        chunk_steps=args.chunk_steps, max_queue=args.max_queue, lookup=args.lookup,
+                        min_ngram=args.min_ngram)
   app = create_app(scheduler, args.served_model_name or engine.name)
   uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 

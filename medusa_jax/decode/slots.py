@@ -2,9 +2,10 @@
 that requests enter and leave while the others keep decoding.
 
 `insert` prefills one prompt and writes it into a free slot; `run_chunk` runs a fixed number of
-decode steps (a Medusa tree, with a prompt-lookup chain grafted on when asked, or plain) for the
-first `bucket` slots at once and returns what each emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so a new
-temperature or seed never recompiles), and a row's tokens depend on its prompt, settings and seed
+decode steps (a stateless drafter's tree: Medusa heads, with a prompt-lookup chain grafted on
+when asked, or prompt lookup alone; or plain) for the first `bucket` slots at once and returns
+what each emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so
+a new temperature or seed never recompiles), and a row's tokens depend on its prompt, settings and seed
 alone: not on the other rows, the bucket or the tree (`coupled.py`). The host keeps the live rows
 in the first slots (`move_row` fills a hole), so a chunk's cost follows the number of live rows.
 """
@@ -20,10 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.coupled import RowSettings, target_logits
-from medusa_jax.decode.drafters import DraftContext, heads_drafter
+from medusa_jax.decode.drafters import DraftContext, Drafter
 from medusa_jax.decode.plain import Emitted, prefill
 from medusa_jax.decode.speculative import speculative_step
-from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.rows import write_rows
@@ -122,19 +122,15 @@ def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, ro
                           functools.partial(target_logits, rows=rows))[:5]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "heads_graphdef", "tree", "bucket", "steps",
-                                             "span", "lookup", "min_ngram"), donate_argnums=(2,))
-def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, draft, eos_ids: jax.Array, *,
-              graphdef: nnx.GraphDef, heads_graphdef: nnx.GraphDef | None, tree: Tree | None, bucket: int,
-              steps: int, span: int | None = None, lookup: int = 0, min_ngram: int = 0):
-  """`steps` decode steps for the first `bucket` slots: over `tree` with a lookup chain of `lookup`
-  tokens grafted on (on steps with a match of `min_ngram` or more tokens if > 0;
-  `drafters.heads_drafter`), or plain when `tree` is None. They attend to their first `span`
-  positions (None: all; it must hold every row's length plus what the chunk writes:
-  `steps * (depth + 1) + size` of the verified tree). Returns (slots, emitted tokens
-  `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "drafter", "bucket", "steps", "span"), donate_argnums=(2,))
+def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, graphdef: nnx.GraphDef,
+              drafter: Drafter | None, bucket: int, steps: int, span: int | None = None):
+  """`steps` decode steps for the first `bucket` slots: over `drafter`'s tree (a stateless one,
+  with its `params`: heads, a grafted lookup chain, prompt lookup; `drafters.py`), or plain when
+  it is None. They attend to their first `span` positions (None: all; it must hold every row's
+  length plus what the chunk writes: `steps * (depth + 1) + size` of the tree). Returns (slots,
+  emitted tokens `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  drafter = None if tree is None else heads_drafter(heads_graphdef, tree, lookup, min_ngram=min_ngram)
   tree = None if drafter is None else drafter.tree
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)
@@ -146,8 +142,8 @@ def run_chunk(state: nnx.State, heads_state: nnx.State | None, slots: Slots, dra
     if tree is None:
       new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
     else:
-      new, n, cache, root, hidden = _tree_step(model, drafter, (heads_state, draft), s.cache, s.root,
-                                               s.hidden, s.history, s.rows)
+      new, n, cache, root, hidden = _tree_step(model, drafter, params, s.cache, s.root, s.hidden,
+                                               s.history, s.rows)
     done = out.done
     cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
     keep = done[:, None]

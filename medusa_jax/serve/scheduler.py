@@ -23,7 +23,6 @@ import numpy as np
 
 from medusa_jax.decode import slots as device
 from medusa_jax.decode.config import GenerationConfig
-from medusa_jax.decode.drafters import heads_drafter
 from medusa_jax.decode.engine import Engine, bucket
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve.metrics import Metrics
@@ -63,14 +62,19 @@ class Scheduler:
   """Serves `engine` (its backbone, heads and tree) with `max_batch` slots of `max_context` tokens."""
 
   def __init__(self, engine: Engine, *, max_batch: int = 8, max_context: int = 2048, chunk_steps: int = 4,
-               max_queue: int = 256, metrics: Metrics | None = None):
+               max_queue: int = 256, metrics: Metrics | None = None, lookup: int | None = None,
+               min_ngram: int | None = None):
     if max_batch < 1 or chunk_steps < 1:
       raise MedusaError("max_batch and chunk_steps must be at least 1")
     self.engine = engine
-    self.lookup = engine.lookup if engine.heads_graphdef is not None else 0
-    self.min_ngram = GenerationConfig().min_ngram  # when the chain is grafted, as `generate` does
-    self.tree = (None if engine.heads_graphdef is None  # what a tree step verifies (with the lookup chain)
-                 else heads_drafter(engine.heads_graphdef, engine.tree, self.lookup).tree)
+    # what a tree chunk drafts with (`lookup`, `min_ngram` as in `GenerationConfig`: None takes
+    # the heads directory's chain and the default gate), as `generate` does; None: plain only
+    config = GenerationConfig().replace(lookup=lookup, **({} if min_ngram is None else {"min_ngram": min_ngram}))
+    if engine.heads_graphdef is not None:
+      self.drafter = engine.drafter("medusa", config)[0]
+    else:  # prompt lookup alone, when asked
+      self.drafter = engine.drafter("lookup", config.replace(draft_tokens=config.lookup))[0] if lookup else None
+    self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
     self.slack = 1 if self.tree is None else self.tree.size
     self.max_len = -(-(max_context + self.slack) // 64) * 64
@@ -94,10 +98,10 @@ class Scheduler:
 
   def _chunk(self, slots, use_tree: bool, b: int, span: int | None = None):
     e = self.engine
-    return device.run_chunk(e.state, e.heads_state if use_tree else None, slots, e.draft, e.eos_ids,
-                            graphdef=e.graphdef, heads_graphdef=e.heads_graphdef if use_tree else None,
-                            tree=e.tree if use_tree else None, bucket=b, steps=self.chunk_steps, lookup=self.lookup,
-                            min_ngram=self.min_ngram, span=span)
+    params = (e.heads_state, e.draft) if use_tree and e.heads_graphdef is not None else None
+    return device.run_chunk(e.state, params, slots, e.eos_ids, graphdef=e.graphdef,
+                            drafter=self.drafter if use_tree else None, bucket=b, steps=self.chunk_steps,
+                            span=span)
 
   def _span(self, b: int) -> int:
     """The positions the next chunk attends to: the smallest of `spans` that holds the longest
