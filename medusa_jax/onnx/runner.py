@@ -33,7 +33,8 @@ class OnnxDecoder:
         raise MedusaError(f"{directory} is not an exported ONNX model: {os.path.basename(needed)} is missing")
     try:
       with open(config_path) as f:
-        decoder = json.load(f)["model"]["decoder"]
+        model = json.load(f)["model"]
+      decoder = model["decoder"]
       options = ort.SessionOptions()
       options.log_severity_level = 3  # not the warning that `tree_mask`'s default is overridable
       if threads:
@@ -41,8 +42,6 @@ class OnnxDecoder:
       self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # a corrupt graph, weights or config
       raise MedusaError(f"cannot load the ONNX model in {directory}: {str(e).strip().splitlines()[0][:200]}") from None
-    with open(config_path) as f:
-      model = json.load(f)["model"]
     self.num_layers, self.kv_heads, self.head_dim = (decoder["num_hidden_layers"], decoder["num_key_value_heads"],
                                                      decoder["head_size"])
     self.eos_ids = np.asarray(model["eos_token_id"], np.int64)
