@@ -30,9 +30,10 @@ def require_positive(args, *names: str) -> None:
 
 
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
-  """`--max-new-tokens`, `--temperature`, `--top-p`, `--acceptance`, `--posterior-threshold`,
-  `--posterior-alpha`, `--seed`, `--draft-tokens`, `--draft-tree`, `--ngram`, `--min-ngram`, `--lookup`, with
-  `GenerationConfig`'s defaults."""
+  """`GenerationConfig`'s settings as flags, with its defaults: `--max-new-tokens`, `--temperature`,
+  `--top-p`, `--acceptance`, `--posterior-threshold`, `--posterior-alpha`, `--seed`,
+  `--draft-tokens`, `--draft-tree`, `--ngram`, `--min-ngram`, `--lookup`, `--num-beams`,
+  `--length-penalty`, `--early-stopping`, `--num-return-sequences`."""
   p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
   p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
@@ -57,6 +58,14 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
   p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
                  help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree "
                       "(0: the heads alone; default: the heads' tree.json, else 0)")
+  p.add_argument("--num-beams", type=int, default=_DEFAULTS.num_beams, help="--mode beam: beam width")
+  p.add_argument("--length-penalty", type=float, default=_DEFAULTS.length_penalty,
+                 help="--mode beam: hypotheses score log-probability / length ** this")
+  p.add_argument("--early-stopping", choices=["false", "true", "never"], default="false",
+                 help="--mode beam: stop once num_beams hypotheses finished (true), when the running "
+                      "beams cannot beat them at their current length (false) or ever (never)")
+  p.add_argument("--num-return-sequences", type=int, default=_DEFAULTS.num_return_sequences,
+                 help="--mode beam: answers per prompt, best first")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -81,8 +90,10 @@ def generation_config(args, **changes) -> GenerationConfig:
                           posterior_threshold=args.posterior_threshold,
                           posterior_alpha=args.posterior_alpha, seed=args.seed,
                           draft_tokens=args.draft_tokens, draft_tree=args.draft_tree, ngram=args.ngram,
-                          min_ngram=args.min_ngram,
-                          lookup=args.lookup).replace(**changes)
+                          min_ngram=args.min_ngram, lookup=args.lookup, num_beams=args.num_beams,
+                          length_penalty=args.length_penalty,
+                          early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),
+                          num_return_sequences=args.num_return_sequences).replace(**changes)
 
 
 def main_guard(fn):

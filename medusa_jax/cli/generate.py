@@ -60,7 +60,9 @@ def main(argv=None):
   mode = engine.resolve_mode(args.mode)
   prompts = args.prompt or [DEMO_PROMPT]
   results = engine.generate(prompts, generation_config(args, mode=mode), chat=not args.no_chat)
-  for prompt, r in zip(prompts, results):
+  per_prompt = len(results) // len(prompts)  # beam search: --num-return-sequences each
+  for i, r in enumerate(results):
+    prompt = prompts[i // per_prompt]
     if args.json:
       print(json.dumps({"prompt": prompt, "mode": mode, **dataclasses.asdict(r)}))
     else:

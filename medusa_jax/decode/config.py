@@ -7,17 +7,20 @@ from __future__ import annotations
 import dataclasses
 
 from medusa_jax.decode.acceptance import Rule, TypicalParams
+from medusa_jax.decode.beam import BeamParams
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.errors import MedusaError
 
-MODES = ("auto", "medusa", "baseline", "lookup", "draft")
+MODES = ("auto", "medusa", "baseline", "lookup", "draft", "beam")
 ACCEPTANCES = ("lossless", "typical")
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
-  tokens after the latest earlier match of the last `ngram`..1 tokens), "draft" (the engine's
+  tokens after the latest earlier match of the last `ngram`..1 tokens), "beam" (beam search of
+  the base model, `num_beams` wide, as transformers' `generate(num_beams=...)`: `length_penalty`,
+  `early_stopping` True/False/"never", the `num_return_sequences` best per prompt), "draft" (the engine's
   draft model proposes `draft_tokens` tokens, or with `draft_tree` (a tree spec, `tree.get_tree`)
   a tree of its top-k tokens: a path's ranks are the draft's), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
   (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup"), only on steps
@@ -41,14 +44,24 @@ class GenerationConfig:
   min_ngram: int = 2
   lookup: int | None = None
   draft_tree: str | None = None
+  num_beams: int = 4
+  length_penalty: float = 1.0
+  early_stopping: bool | str = False
+  num_return_sequences: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise MedusaError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-    for name, least in (("draft_tokens", 1), ("ngram", 1), ("lookup", 0), ("min_ngram", 0)):
+    for name, least in (("draft_tokens", 1), ("ngram", 1), ("lookup", 0), ("min_ngram", 0), ("num_beams", 1),
+                        ("num_return_sequences", 1)):
       value = getattr(self, name)
       if value is not None and value < least:
         raise MedusaError(f"{name} must be >= {least}, got {value}")
+    if self.num_return_sequences > self.num_beams and self.mode == "beam":
+      raise MedusaError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                        f"({self.num_beams})")
+    if self.early_stopping not in (True, False, "never"):
+      raise MedusaError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
     if self.acceptance not in ACCEPTANCES:
       raise MedusaError(f"unknown acceptance {self.acceptance!r}; use lossless or typical")
     if self.max_new_tokens < 1:
@@ -72,6 +85,11 @@ class GenerationConfig:
   def sampling(self) -> SamplingParams:
     """The plain decoder's sampling settings (a static jit argument)."""
     return SamplingParams(float(self.temperature), float(self.top_p))
+
+  @property
+  def beam(self) -> BeamParams:
+    """Beam search's settings (a static jit argument)."""
+    return BeamParams(int(self.num_beams), float(self.length_penalty), self.early_stopping)
 
   @property
   def rule(self) -> Rule:

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medusa_jax.decode.beam import beam_generate
 from medusa_jax.decode.config import MODES, GenerationConfig
 from medusa_jax.decode.drafters import LookupDrafter, ModelDrafter, heads_drafter
 from medusa_jax.decode.plain import baseline_generate
@@ -41,7 +42,8 @@ class Generation:
 
 
 class GenerationResult(NamedTuple):
-  """`Engine.generate_ids`' answer for a batch (NumPy arrays)."""
+  """`Engine.generate_ids`' answer for a batch (NumPy arrays); beam search: `num_return_sequences`
+  rows per prompt, best first."""
 
   tokens: np.ndarray      # `[batch, max_new_tokens]` new tokens, padding past `num_tokens`
   num_tokens: np.ndarray  # `[batch]` tokens emitted (EOS included)
@@ -226,7 +228,7 @@ class Engine:
     config = (config or GenerationConfig()).replace(**settings)
     mode = self.resolve_mode(config.mode)
     max_new_tokens = config.max_new_tokens
-    drafter, params = self.drafter(mode, config) if mode != "baseline" else (None, None)
+    drafter, params = self.drafter(mode, config) if mode not in ("baseline", "beam") else (None, None)
     extra = drafter.tree.size if drafter else 0
     length = self._check_lengths(prompts, max_new_tokens, extra)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)
@@ -235,6 +237,13 @@ class Engine:
             self.eos_ids)
     common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
                   cache_dtype=self.dtype)
+    if mode == "beam":
+      out, seconds = self._call(beam_generate, self.state, *args[:2], self.eos_ids, params=config.beam,
+                                **common)
+      n = config.num_return_sequences
+      return GenerationResult(np.asarray(out.tokens[:, :n]).reshape(-1, max_new_tokens),
+                              np.asarray(out.num_tokens[:, :n]).reshape(-1),
+                              np.full(len(prompts) * n, int(out.steps), np.int32), seconds)
     if drafter is None:
       out, seconds = self._call(baseline_generate, self.state, *args, sampling=config.sampling, **common)
     else:
@@ -246,8 +255,9 @@ class Engine:
   def generate(self, prompts: str | Sequence[str | Sequence[Message]],
                config: GenerationConfig | None = None, *, chat: bool = True,
                **settings) -> Generation | list[Generation]:
-    """Answers one prompt (returns a `Generation`) or a batch (returns a list); `config` and
-    `settings` as in `generate_ids`; `chat`: through the tokenizer's chat template."""
+    """Answers one prompt (returns a `Generation`) or a batch (returns a list; beam search:
+    `num_return_sequences` per prompt, best first); `config` and `settings` as in `generate_ids`;
+    `chat`: through the tokenizer's chat template."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     out = self.generate_ids([self.encode(p, chat) for p in batch], config, **settings)
@@ -259,4 +269,4 @@ class Engine:
           new_tokens=int(n), steps=int(s), tokens_per_step=float(n) / max(int(s), 1),
           seconds=out.seconds, tokens_per_second=float(n) / out.seconds if out.seconds > 0 else 0.0,
       ))
-    return results[0] if single else results
+    return results[0] if single and len(results) == 1 else results

@@ -58,6 +58,12 @@ class KVCache:
     """K/V buffers of `layer` with `k`, `v` `[batch, T, kv_heads, head_dim]` written at `lengths`."""
     return write_rows(self.keys[layer], k, self.lengths), write_rows(self.values[layer], v, self.lengths)
 
+  def take_rows(self, rows: jax.Array) -> "KVCache":
+    """The cache of rows `rows` `[n]` (beam search's reordering; repeats allowed)."""
+    return dataclasses.replace(self, keys=tuple(jnp.take(k, rows, axis=0) for k in self.keys),
+                               values=tuple(jnp.take(v, rows, axis=0) for v in self.values),
+                               lengths=jnp.take(self.lengths, rows))
+
   def advance(self, n: jax.Array) -> "KVCache":
     """Commits the next `n` `[batch]` written entries of each row."""
     return dataclasses.replace(self, lengths=self.lengths + n.astype(jnp.int32))
