@@ -65,8 +65,9 @@ def test_matches_numpy_reference(typical):
   argmax_parent = np.argmax(logits, -1)[:, np.clip(tree.parents, 0, None)]
   tokens = np.where(plant, argmax_parent, tokens).astype(np.int32)
 
-  ok, logp = node_acceptance(jnp.asarray(tokens), jnp.asarray(logits[:, tree.internal]), tree, typical)
-  best, length = choose_path(ok, logp, tree)
+  arrays = tree.arrays(batch)
+  ok, logp = node_acceptance(jnp.asarray(tokens), jnp.asarray(logits[:, tree.internal]), arrays, typical)
+  best, length = choose_path(ok, logp, arrays)
   ref_best, ref_length = _numpy_reference(tokens, logits, tree, typical)
   np.testing.assert_array_equal(np.asarray(length), ref_length)
   assert ref_length.max() >= 2  # the test exercises multi-token acceptance

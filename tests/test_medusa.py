@@ -175,9 +175,9 @@ def test_cache_after_step_equals_plain_forward():
     _, _, cache = prefill(model, tokens, lens, cache)
     flat = jnp.concatenate([jnp.asarray(greedy[:, :1]), top.reshape(2, -1)], axis=1)
     tree_tokens = flat[:, tree.candidate_index]  # node (d, r): rank r of head d - 1
-    _, logits, node_hidden, cache = tree_forward(model, cache, tree_tokens, tree)
+    _, logits, node_hidden, cache = tree_forward(model, cache, tree_tokens, tree.arrays(2))
     path, accepted, last, bonus = accept(tree_tokens, logits, tree, None, jax.random.PRNGKey(0))
-    return *keep_path(tree_tokens, node_hidden, cache, path, accepted, last, bonus, tree)[:3], bonus
+    return *keep_path(tree_tokens, node_hidden, cache, path, accepted, last, bonus)[:3], bonus
 
   emitted, n, cache, bonus = run(jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(top))
   np.testing.assert_array_equal(n, [d + 1, d + 1])

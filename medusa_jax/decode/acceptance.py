@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax.decode.sampling import SamplingParams, sample, sampling_logits
-from medusa_jax.medusa.tree import Tree
+from medusa_jax.medusa.tree import Tree, TreeArrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,31 +51,34 @@ def typical_threshold(probs: jax.Array, params: TypicalParams) -> jax.Array:
   return jnp.minimum(params.posterior_threshold, params.posterior_alpha * jnp.exp(-entropy))
 
 
-def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: Tree,
+def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: TreeArrays,
                     typical: TypicalParams | None = None) -> tuple[jax.Array, jax.Array]:
   """tokens `[batch, T]`, logits at the tree's internal nodes `[batch, I, vocab]` (`tree.internal`:
   a leaf's logits decide nothing here) -> (acceptable `[batch, T]` bool, log-probability of each
   token under its parent's distribution `[batch, T]`); root entries unused."""
-  slots = jnp.asarray(tree.parent_slot)
+  slots = tree.parent_slot
   if typical is None:
-    ok = tokens == jnp.take(jnp.argmax(internal_logits, axis=-1), slots, axis=1)
+    ok = tokens == jnp.take_along_axis(jnp.argmax(internal_logits, axis=-1), slots, axis=1)
     return ok, jnp.zeros(tokens.shape, jnp.float32)
-  parent_logits = jnp.take(internal_logits, slots, axis=1)  # [b, T, V]
+  parent_logits = jnp.take_along_axis(internal_logits, slots[..., None], axis=1)  # [b, T, V]
   probs = jax.nn.softmax(parent_logits / typical.temperature, axis=-1)
   p = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
   return p > typical_threshold(probs, typical), jnp.log(p + 1e-30)
 
 
-def choose_path(ok: jax.Array, logp: jax.Array, tree: Tree) -> tuple[jax.Array, jax.Array]:
+def choose_path(ok: jax.Array, logp: jax.Array, tree: TreeArrays) -> tuple[jax.Array, jax.Array]:
   """Per-node acceptability `[batch, T]` -> (winning leaf path `[batch]`, accepted length `[batch]`
-  in 0..depth). The accepted tokens are nodes `tree.retrieve[path, 1 : length + 1]`."""
-  retrieve = jnp.asarray(tree.retrieve[:, 1:])  # [L, D]
-  valid = jnp.asarray(tree.retrieve_mask[:, 1:])
-  matches = jnp.take(ok, retrieve, axis=1) & valid  # [b, L, D]
+  in 0..depth). The accepted tokens are nodes `tree.retrieve[row, path, 1 : length + 1]`."""
+  retrieve = tree.retrieve[:, :, 1:]  # [b, L, D]
+
+  def per_path(x):  # node values `[b, T]` -> along each leaf's path `[b, L, D]`
+    return jnp.take_along_axis(x, retrieve.reshape(x.shape[0], -1), axis=1).reshape(retrieve.shape)
+
+  matches = per_path(ok) & tree.retrieve_mask[:, :, 1:]
   lengths = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [b, L]
   longest = jnp.max(lengths, axis=-1)
   in_prefix = jnp.arange(tree.depth)[None, None, :] < longest[:, None, None]
-  score = jnp.sum(jnp.where(in_prefix, jnp.take(logp, retrieve, axis=1), 0.0), axis=-1)
+  score = jnp.sum(jnp.where(in_prefix, per_path(logp), 0.0), axis=-1)
   score = jnp.where(lengths == longest[:, None], score, -jnp.inf)
   return jnp.argmax(score, axis=-1).astype(jnp.int32), longest.astype(jnp.int32)
 
@@ -94,13 +97,13 @@ Rule = TypicalParams | SamplingParams | None
 
 
 def lossless_acceptance(tokens: jax.Array, internal_probs: jax.Array, uniform: jax.Array,
-                        tree: Tree) -> jax.Array:
+                        tree: TreeArrays) -> jax.Array:
   """tokens `[batch, T]`, probabilities at the tree's internal nodes `[batch, I, vocab]`, uniform
   draws `[batch, T]` -> `[batch, T]` bool: node n is the first of its siblings, in rank order, to
   pass its test `u_n < p(c_n) / (1 - p(earlier siblings))` (root entry unused)."""
   rows = jnp.arange(tokens.shape[0])[:, None]
-  p = internal_probs[rows, jnp.asarray(tree.parent_slot)[None, :], tokens]  # [b, T]
-  earlier = jnp.asarray(tree.earlier_siblings)[None]  # [1, T, T]
+  p = internal_probs[rows, tree.parent_slot, tokens]  # [b, T]
+  earlier = tree.earlier_siblings  # [b, T, T]
   repeated = jnp.any(earlier & (tokens[:, :, None] == tokens[:, None, :]), axis=-1)
   p = jnp.where(repeated, 0.0, p)  # a token already tried here (heads' top-k never repeat one)
   left = 1.0 - jnp.sum(jnp.where(earlier, p[:, None, :], 0.0), axis=-1)  # mass the earlier ones left
@@ -109,12 +112,12 @@ def lossless_acceptance(tokens: jax.Array, internal_probs: jax.Array, uniform: j
 
 
 def draft_ratio_acceptance(tokens: jax.Array, internal_probs: jax.Array, draft_probs: jax.Array,
-                           uniform: jax.Array, tree: Tree) -> jax.Array:
+                           uniform: jax.Array, tree: TreeArrays) -> jax.Array:
   """tokens `[batch, T]` sampled from `draft_probs` `[batch, T, vocab]` (node n's q: the draft
   distribution it was drawn from), target probabilities at the internal nodes `[batch, I, vocab]`,
   uniform draws `[batch, T]` -> `[batch, T]` bool: u_n < p(c_n) / q(c_n) (root entry unused)."""
   rows = jnp.arange(tokens.shape[0])[:, None]
-  p = internal_probs[rows, jnp.asarray(tree.parent_slot)[None, :], tokens]
+  p = internal_probs[rows, tree.parent_slot, tokens]
   q = jnp.take_along_axis(draft_probs, tokens[..., None], axis=-1)[..., 0]
   return uniform * q < p
 
@@ -127,9 +130,10 @@ def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
   return sample(logits, key, rule or SamplingParams())
 
 
-def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule, key: jax.Array,
+def accept(tokens: jax.Array, logits: jax.Array, tree: Tree | TreeArrays, rule: Rule, key: jax.Array,
            draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """tokens `[batch, T]`, the base model's logits at every tree node `[batch, T, vocab]` -> (the
+  """tokens `[batch, T]`, the base model's logits at every node of `tree` (static, or per row)
+  `[batch, T, vocab]` -> (the
   kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
   last accepted node `[batch, 1]`; the bonus token `[batch]`, drawn there). The accepted tokens
   are `tokens` at `path[:, 1 : accepted + 1]`. `draft_probs` `[batch, T, vocab]`: the draft
@@ -139,9 +143,11 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule, key: ja
     rule = None
   if not isinstance(rule, SamplingParams):
     draft_probs = None  # deterministic drafts: greedy and typical acceptance read only the tokens
-  if draft_probs is not None and len(tree.leaves) != 1:
+  if isinstance(tree, Tree):
+    tree = tree.arrays(tokens.shape[0])
+  if draft_probs is not None and tree.retrieve.shape[1] != 1:
     raise ValueError("draft probabilities are verified along a chain, not a tree")
-  internal = jnp.take(logits, jnp.asarray(tree.internal), axis=1)
+  internal = jnp.take(logits, tree.internal, axis=1)
   key_accept, key_bonus = jax.random.split(key)
   if isinstance(rule, SamplingParams):
     probs = jax.nn.softmax(sampling_logits(internal, rule), axis=-1)
@@ -152,12 +158,12 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree, rule: Rule, key: ja
   else:
     ok, logp = node_acceptance(tokens, internal, tree, rule)
   best, accepted = choose_path(ok, logp, tree)
-  path = jnp.take(jnp.asarray(tree.retrieve), best, axis=0)
+  path = jnp.take_along_axis(tree.retrieve, best[:, None, None], axis=1)[:, 0]
   last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
   last_logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
   if not isinstance(rule, SamplingParams):
     return path, accepted, last, first_token(last_logits, key_bonus, rule)
-  children = jnp.asarray(tree.parents)[None, :] == last  # [b, T]
+  children = tree.parents == last  # [b, T]
   vocab = last_logits.shape[-1]
   scaled = sampling_logits(last_logits, rule)
   if draft_probs is not None:  # the child was rejected: draw from max(0, p - q); at the leaf: p

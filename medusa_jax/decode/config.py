@@ -25,7 +25,10 @@ class GenerationConfig:
   a tree of its top-k tokens: a path's ranks are the draft's), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
   (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup"), only on steps
   where the text's last `min_ngram` or more tokens occurred before (else the heads' tree runs
-  alone, a smaller forward; 0: on every step).
+  alone, a smaller forward; 0: on every step). `draft_beams` W > 0: Medusa's tree is built each
+  step instead from the W best paths of a beam search `draft_depth` deep (default: every head)
+  over the heads, in `tree_budget` nodes (default W * depth + 1, the root included), with no
+  lookup chain.
   At temperature 0 decoding is greedy (Medusa's output then equals the baseline's); above it,
   `acceptance="lossless"` samples exactly as the baseline does (temperature, then top-p) and
   `"typical"` uses Medusa's typical acceptance (`posterior_threshold` epsilon, `posterior_alpha`
@@ -44,6 +47,9 @@ class GenerationConfig:
   min_ngram: int = 2
   lookup: int | None = None
   draft_tree: str | None = None
+  draft_beams: int = 0
+  draft_depth: int | None = None
+  tree_budget: int | None = None
   num_beams: int = 4
   length_penalty: float = 1.0
   early_stopping: bool | str = False
@@ -53,7 +59,7 @@ class GenerationConfig:
     if self.mode not in MODES:
       raise MedusaError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
     for name, least in (("draft_tokens", 1), ("ngram", 1), ("lookup", 0), ("min_ngram", 0), ("num_beams", 1),
-                        ("num_return_sequences", 1)):
+                        ("num_return_sequences", 1), ("draft_beams", 0), ("draft_depth", 1), ("tree_budget", 2)):
       value = getattr(self, name)
       if value is not None and value < least:
         raise MedusaError(f"{name} must be >= {least}, got {value}")

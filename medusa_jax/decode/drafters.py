@@ -15,6 +15,7 @@ greedy decoding whatever drafts.
   (`Tree.with_chain`), verified in the same forward; `GatedHybrid`: only on steps where the chain
   has a long enough match to propose, else the heads' smaller tree (`speculative_step` runs one
   of its `branches`).
+- `BeamTreeDrafter`: a tree built each step from a beam search over the heads (`dynamic_tree.py`).
 - `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens,
   or a tree of its top-k tokens (SpecInfer-style).
 """
@@ -33,7 +34,8 @@ from flax import nnx
 from medusa_jax.decode.lookup import lookup_continuation
 from medusa_jax.decode.plain import prefill
 from medusa_jax.decode.sampling import SamplingParams, sampling_logits
-from medusa_jax.medusa.tree import Tree, chain
+from medusa_jax.medusa.dynamic_tree import beam_paths, beam_tree
+from medusa_jax.medusa.tree import Tree, TreeArrays, TreeShape, chain
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
 from medusa_jax.model.rows import write_rows
@@ -76,6 +78,7 @@ class Proposal(NamedTuple):
   tokens: jax.Array               # `[batch, tree.size]`, node 0 being the root
   draft_probs: jax.Array | None   # `[batch, tree.size, vocab]` the distributions sampled tokens came from
   state: Any                      # the drafter's state after proposing
+  tree: TreeArrays | None = None  # this step's tree, when it is built per step (None: `drafter.tree`)
 
 
 class Drafter(Protocol):
@@ -198,6 +201,28 @@ def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngr
     return heads
   hybrid = HybridDrafter(heads, LookupDrafter(lookup, max(max_ngram, min_ngram)))
   return GatedHybrid(hybrid, min_ngram) if min_ngram else hybrid
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamTreeDrafter(_Stateless):
+  """Each step, the `width` best paths of a beam search `depth` deep over the heads' guesses,
+  merged into a tree of `budget` nodes (`dynamic_tree.py`); params: the heads' (as `HeadsDrafter`)."""
+
+  heads_graphdef: nnx.GraphDef
+  width: int
+  depth: int
+  budget: int
+
+  @property
+  def tree(self) -> TreeShape:
+    return TreeShape(self.budget, self.depth)
+
+  def propose(self, params, model: Llama, ctx: DraftContext, state, key) -> Proposal:
+    heads_state, draft = params
+    heads = nnx.merge(self.heads_graphdef, heads_state)
+    paths = beam_paths(heads, model, ctx.hidden, ctx.root, self.width, self.depth, draft)
+    tokens, tree = beam_tree(ctx.root, paths, self.budget)
+    return Proposal(tokens, None, None, tree)
 
 
 @dataclasses.dataclass(frozen=True)

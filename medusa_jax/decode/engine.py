@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.beam import beam_generate
 from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.drafters import LookupDrafter, ModelDrafter, heads_drafter
+from medusa_jax.decode.drafters import BeamTreeDrafter, LookupDrafter, ModelDrafter, heads_drafter
 from medusa_jax.decode.plain import baseline_generate
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_generate
@@ -216,6 +216,15 @@ class Engine:
       return ModelDrafter(graphdef, config.draft_tokens, layers, sampling, shape), state
     if mode == "lookup":
       return LookupDrafter(config.draft_tokens, config.ngram), None
+    if config.draft_beams:
+      depth = config.draft_depth or self.heads_config.num_heads
+      if depth > self.heads_config.num_heads:
+        raise MedusaError(f"draft_depth {depth} exceeds the {self.heads_config.num_heads} heads")
+      vocab = len(self.draft.ids) if self.draft is not None else self.config.vocab_size
+      if config.draft_beams > vocab:
+        raise MedusaError(f"draft_beams {config.draft_beams} exceeds the {vocab}-token drafting vocabulary")
+      budget = config.tree_budget or config.draft_beams * depth + 1
+      return BeamTreeDrafter(self.heads_graphdef, config.draft_beams, depth, budget), (self.heads_state, self.draft)
     chain = self.lookup if config.lookup is None else config.lookup
     return (heads_drafter(self.heads_graphdef, self.tree, chain, config.ngram, config.min_ngram),
             (self.heads_state, self.draft))

@@ -23,29 +23,29 @@ from jax.sharding import Mesh
 from medusa_jax.decode.acceptance import Rule, accept, first_token
 from medusa_jax.decode.drafters import DraftContext, Drafter
 from medusa_jax.decode.plain import DecodeOutput, Emitted, prefill
-from medusa_jax.medusa.tree import Tree
+from medusa_jax.medusa.tree import TreeArrays
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
 
 
-def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: Tree):
+def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: TreeArrays):
   """The tree's tokens `[batch, T]` (a drafter's proposal) through the model in one forward,
   their K/V written after each row's prefix. Returns (positions `[batch, T]`, float32 logits
   `[batch, T, vocab]`, hidden states `[batch, T, embed]`, cache)."""
-  positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
-  node_hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=jnp.asarray(tree.mask))
+  positions = cache.lengths[:, None] + tree.depths
+  node_hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=tree.mask)
   return positions, model.logits(node_hidden), node_hidden, cache
 
 
 def keep_path(tokens: jax.Array, node_hidden: jax.Array, cache: KVCache, path: jax.Array,
-              accepted: jax.Array, last: jax.Array, bonus: jax.Array, tree: Tree):
-  """After acceptance (`acceptance.accept`'s path, accepted count, last node and bonus token):
-  (emitted `[batch, depth + 1]`: the accepted tokens then the bonus, emitted count `[batch]`, the
+              accepted: jax.Array, last: jax.Array, bonus: jax.Array):
+  """After acceptance (`acceptance.accept`'s path `[batch, depth + 1]`, accepted count, last node
+  and bonus token): (emitted `[batch, depth + 1]`: the accepted tokens then the bonus, emitted count `[batch]`, the
   cache with the accepted path's K/V moved to contiguous positions and committed, the last
   accepted node's hidden state `[batch, embed]`)."""
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [b, D+1]
   shifted = jnp.concatenate([path_tokens[:, 1:], bonus[:, None]], axis=1)
-  j = jnp.arange(tree.depth + 1)[None, :]
+  j = jnp.arange(path.shape[1])[None, :]
   emitted = jnp.where(j < accepted[:, None], shifted, jnp.where(j == accepted[:, None], bonus[:, None], 0))
   last_hidden = jnp.take_along_axis(node_hidden, last[:, :, None], axis=1)[:, 0]
   return emitted, accepted + 1, cache.commit_path(path, accepted + 1), last_hidden
@@ -79,14 +79,14 @@ def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx
 
 def _step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext, state, key: jax.Array,
           rule: Rule, target):
-  tree = drafter.tree
   key_draft, key_accept = jax.random.split(key)
-  tokens, draft_probs, state = drafter.propose(params, model, ctx, state, key_draft)
+  tokens, draft_probs, state, tree = drafter.propose(params, model, ctx, state, key_draft)
+  tree = drafter.tree.arrays(tokens.shape[0]) if tree is None else tree
   positions, logits, node_hidden, cache = tree_forward(model, cache, tokens, tree)
   if target is not None:
     logits = target(logits, positions + 1)
   path, accepted, last, bonus = accept(tokens, logits, tree, rule, key_accept, draft_probs)
-  emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus, tree)
+  emitted, n, cache, last_hidden = keep_path(tokens, node_hidden, cache, path, accepted, last, bonus)
   return emitted, n, cache, bonus, last_hidden, state, path
 
 

@@ -126,12 +126,22 @@ class MedusaHeads(nnx.Module):
       return base.logits(feats)
     return jnp.stack([self.project(k, feats[k], base) for k in range(len(feats))])
 
-  def top_tokens(self, k: int, x: jax.Array, base: Llama, draft, topk: int) -> jax.Array:
+  def top_tokens(self, k: int, x: jax.Array, base: Llama, draft, topk: int,
+                 log_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Head `k`'s top-`topk` token ids `[..., topk]` from its features `x` `[..., embed]`, over
-    the drafting vocabulary `draft` (a `DraftVocab`; None: the whole vocabulary)."""
+    the drafting vocabulary `draft` (a `DraftVocab`; None: the whole vocabulary); with
+    `log_probs`, (their log-probabilities there, the ids)."""
     logits = self.project(k, x, base) if draft is None else draft.project(k, x)
-    top = jax.lax.top_k(logits, topk)[1]
-    return (top if draft is None else jnp.take(draft.ids, top)).astype(jnp.int32)
+    values, top = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1) if log_probs else logits, topk)
+    ids = (top if draft is None else jnp.take(draft.ids, top)).astype(jnp.int32)
+    return (values, ids) if log_probs else ids
+
+  def beam_features(self, k: int, h: jax.Array, state: jax.Array, tokens: jax.Array,
+                    base: Llama) -> jax.Array:
+    """Head `k`'s features for beams whose previous head features are `state` `[batch, W, embed]`
+    and whose last tokens are `tokens` `[batch, W]`, from h_t `[batch, embed]`: Medusa heads read
+    h_t alone, so one row serves every beam (`[batch, 1, embed]`)."""
+    return self._blocks(k, h)[:, None]
 
   def draft_tree(self, base: Llama, h: jax.Array, root: jax.Array, tree, draft) -> jax.Array:
     """The `tree`'s tokens `[batch, T]` (a `Tree`; node 0 is `root` `[batch]`) from the heads'
@@ -173,6 +183,10 @@ class HydraHeads(MedusaHeads):
     `state`, each `[..., embed]`, and the token `[...]` at t + k + 1."""
     emb = _unit_rms(base.embed(token)).astype(state.dtype)
     return self._blocks(k, self.inputs[k](jnp.concatenate([h, state, emb], axis=-1)))
+
+  def beam_features(self, k: int, h: jax.Array, state: jax.Array, tokens: jax.Array,
+                    base: Llama) -> jax.Array:
+    return self.step(k, jnp.broadcast_to(h[:, None], state.shape), state, tokens, base)
 
   def hidden(self, h: jax.Array, num_heads: int | None = None, *, path: jax.Array | None = None,
              base: Llama | None = None) -> jax.Array:

@@ -14,6 +14,10 @@ Buffers (NumPy, static under jit):
   parent_slot      `[T]` int: where each node's parent sits in `internal` (0 for the root)
   earlier_siblings `[T, T]` bool: [n, s] when s shares n's parent and comes before it (a lower
                    rank of the same head); lossless sampling tries siblings in this order
+
+The verifier (`decode/speculative.py`, `decode/acceptance.py`) reads them as `TreeArrays`, one set
+per batch row: a static tree's broadcast (`Tree.arrays`), or a tree built on the device each
+step (`dynamic_tree.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import json
 import os
 from collections.abc import Sequence
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.errors import MedusaError
@@ -51,9 +59,38 @@ VICUNA_7B_STAGE2: tuple[Path, ...] = (
 )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TreeArrays:
+  """A tree's buffers (module docstring) as device arrays, per batch row (`[batch, ...]`):
+  `internal` `[I]` is shared by the rows (a tree built per row lists every node)."""
+
+  depths: jax.Array            # `[batch, T]`
+  mask: jax.Array              # `[batch, T, T]`
+  parents: jax.Array           # `[batch, T]` (-1 for the root)
+  internal: jax.Array          # `[I]`
+  parent_slot: jax.Array       # `[batch, T]` index into `internal`
+  earlier_siblings: jax.Array  # `[batch, T, T]`
+  retrieve: jax.Array          # `[batch, L, D + 1]`
+  retrieve_mask: jax.Array     # `[batch, L, D + 1]`
+
+  @property
+  def depth(self) -> int:
+    return self.retrieve.shape[-1] - 1
+
+
 def chain(depth: int) -> tuple[Path, ...]:
   """The top-1 guess of each of `depth` heads: a single path."""
   return tuple((0,) * d for d in range(1, depth + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+  """What the decode loops size their buffers by: tokens verified per step (`size`, the root
+  included) and the longest path (`depth`), for static and per-step trees alike."""
+
+  size: int
+  depth: int
 
 
 class Tree:
@@ -98,6 +135,14 @@ class Tree:
   def size(self) -> int:
     """Tokens verified per step: the nodes plus the root."""
     return len(self.paths) + 1
+
+  def arrays(self, batch: int) -> TreeArrays:
+    """The buffers on the device, the same for each of `batch` rows."""
+    def rows(x):
+      return jnp.broadcast_to(jnp.asarray(x), (batch,) + x.shape)
+    return TreeArrays(rows(self.depths), rows(self.mask), rows(self.parents), jnp.asarray(self.internal),
+                      rows(self.parent_slot), rows(self.earlier_siblings), rows(self.retrieve),
+                      rows(self.retrieve_mask))
 
   @functools.cached_property
   def _index(self) -> dict[Path, int]:

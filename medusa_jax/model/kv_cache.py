@@ -86,10 +86,11 @@ class KVCache:
 
 def attention_mask(lengths: jax.Array, chunk_mask: jax.Array, max_len: int) -> jax.Array:
   """`[batch, T, max_len]` bool: query `i` of the chunk written at `lengths` sees the cached prefix
-  `[0, lengths)` and the chunk positions `j` where `chunk_mask[i, j]` (causal or tree mask `[T, T]`)."""
-  t = chunk_mask.shape[0]
+  `[0, lengths)` and the chunk positions `j` where `chunk_mask[i, j]` (causal or tree mask `[T, T]`,
+  or one per row `[batch, T, T]`)."""
+  t = chunk_mask.shape[-1]
   rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [b, S]
   in_chunk = (rel >= 0) & (rel < t)
-  chunk = jnp.take(chunk_mask, jnp.clip(rel, 0, t - 1), axis=1)  # [T, b, S]
-  chunk = jnp.transpose(chunk, (1, 0, 2))
+  chunk_mask = jnp.broadcast_to(chunk_mask, (lengths.shape[0], t, t))
+  chunk = jnp.take_along_axis(chunk_mask, jnp.clip(rel, 0, t - 1)[:, None, :], axis=2)  # [b, T, S]
   return (rel < 0)[:, None, :] | (in_chunk[:, None, :] & chunk)

@@ -59,7 +59,8 @@ class Llama(nnx.Module):
     """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]` and the cache.
 
     With a cache, the chunk's K/V are written at `cache.lengths` and it attends to the cached
-    prefix plus itself under `chunk_mask` `[T, T]` (causal by default; a tree mask for Medusa).
+    prefix plus itself under `chunk_mask` `[T, T]` or `[batch, T, T]` (causal by default; a tree
+    mask for Medusa).
     `cache.lengths` is left unchanged. `num_layers`: run only the first layers (then the final
     norm), as a self-drafting model does; the cache holds that many layers.
     """
