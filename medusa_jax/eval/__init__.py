@@ -1,0 +1,1 @@
+"""Quality evaluation: reference sets (`references.py`) and the metrics scored on them (`metrics.py`)."""
