@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_medusa import _oracle_heads, _oracle_hydra_heads, _permutation_model, _prompts, random_heads
+from test_medusa import (
+  _oracle_heads,
+  _oracle_hydra_heads,
+  _permutation_model,
+  _prompts,
+  random_heads,
+)
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError

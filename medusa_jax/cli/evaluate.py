@@ -22,7 +22,12 @@ import os
 import re
 
 from medusa_jax.atomic import atomic_file, write_json
-from medusa_jax.cli.common import add_mesh_flag, main_guard, quiet_logs, require_positive
+from medusa_jax.cli.common import (
+  add_mesh_flag,
+  main_guard,
+  quiet_logs,
+  require_positive,
+)
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL

@@ -15,7 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.decode.beam import beam_generate
 from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.drafters import BeamTreeDrafter, LookupDrafter, ModelDrafter, heads_drafter
+from medusa_jax.decode.drafters import (
+  BeamTreeDrafter,
+  LookupDrafter,
+  ModelDrafter,
+  heads_drafter,
+)
 from medusa_jax.decode.plain import baseline_generate
 from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_generate

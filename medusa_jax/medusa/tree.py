@@ -22,12 +22,11 @@ step (`dynamic_tree.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 from collections.abc import Sequence
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
