@@ -80,19 +80,19 @@ def test_evaluate_cli(tmp_path):
   out = tmp_path / "r.json"
   cmd = [sys.executable, os.path.join(ROOT, "infer", "evaluate.py"), "--data", str(data), "--model", "random:tiny",
          "--heads", str(tmp_path / "heads"), "--tree", "chain2", "--max-new-tokens", "10",
-         "--strategies", "medusa", "beam:2", "medusa-beam:2x3@5", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+         "--strategies", "medusa", "beam:2", "spec-beam:2", "medusa-beam:2x3@5", "--out", str(out), "--plot", str(tmp_path / "p.png")]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   r = json.loads(out.read_text())
-  assert list(r["strategies"]) == ["greedy", "medusa", "beam:2", "medusa-beam:2x3@5"]
+  assert list(r["strategies"]) == ["greedy", "medusa", "beam:2", "spec-beam:2", "medusa-beam:2x3@5"]
   for s in r["strategies"].values():
     assert set(s) >= {*metrics.score(["a"], [("a",)]), "tokens_per_step", "tokens_per_second", "rtf"}
   greedy = r["strategies"]["greedy"]
   assert greedy["rtf"] == pytest.approx(1.0) and greedy["exact_match"] is None
-  for lossless in ("medusa", "medusa-beam:2x3@5"):  # the same outputs, so the same scores
-    assert all(p["outputs"][lossless] == p["outputs"]["greedy"] for p in r["prompts"])
-    assert {k: r["strategies"][lossless][k] for k in metrics.score(["a"], [("a",)])} == \
-        {k: greedy[k] for k in metrics.score(["a"], [("a",)])}
+  names = metrics.score(["a"], [("a",)])
+  for lossless, base in (("medusa", "greedy"), ("medusa-beam:2x3@5", "greedy"), ("spec-beam:2", "beam:2")):
+    assert all(p["outputs"][lossless] == p["outputs"][base] for p in r["prompts"])  # so the same scores
+    assert {k: r["strategies"][lossless][k] for k in names} == {k: r["strategies"][base][k] for k in names}
   assert len(r["prompts"]) == 3 and (tmp_path / "p.png").stat().st_size > 0
   assert "medusa-beam:2x3@5" in proc.stdout and "RTF" in proc.stdout
   bad = subprocess.run(cmd[:-4] + ["--strategies", "beam:x", "--out", str(out)], capture_output=True, text=True,

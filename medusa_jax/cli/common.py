@@ -33,7 +33,8 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
   """`GenerationConfig`'s settings as flags, with its defaults: `--max-new-tokens`, `--temperature`,
   `--top-p`, `--acceptance`, `--posterior-threshold`, `--posterior-alpha`, `--seed`,
   `--draft-tokens`, `--draft-tree`, `--ngram`, `--min-ngram`, `--lookup`, `--num-beams`,
-  `--length-penalty`, `--early-stopping`, `--num-return-sequences`."""
+  `--length-penalty`, `--early-stopping`, `--num-return-sequences`, `--beam-heads`, `--draft-beams`,
+  `--draft-depth`, `--tree-budget`."""
   p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
   p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
@@ -66,6 +67,16 @@ def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | No
                       "beams cannot beat them at their current length (false) or ever (never)")
   p.add_argument("--num-return-sequences", type=int, default=_DEFAULTS.num_return_sequences,
                  help="--mode beam: answers per prompt, best first")
+  p.add_argument("--beam-heads", action="store_true",
+                 help="--mode beam: every beam drafts the heads' tree, one forward verifies them all "
+                      "(speculative beam search: the same answers in fewer forwards)")
+  p.add_argument("--draft-beams", type=int, default=_DEFAULTS.draft_beams,
+                 help="--mode medusa: build the tree each step from a beam search of this width over "
+                      "the heads (0: the static tree)")
+  p.add_argument("--draft-depth", type=int, default=_DEFAULTS.draft_depth,
+                 help="with --draft-beams: its depth (default: every head)")
+  p.add_argument("--tree-budget", type=int, default=_DEFAULTS.tree_budget,
+                 help="with --draft-beams: the tree's nodes, the root included (default: width x depth + 1)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -93,7 +104,9 @@ def generation_config(args, **changes) -> GenerationConfig:
                           min_ngram=args.min_ngram, lookup=args.lookup, num_beams=args.num_beams,
                           length_penalty=args.length_penalty,
                           early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),
-                          num_return_sequences=args.num_return_sequences).replace(**changes)
+                          num_return_sequences=args.num_return_sequences, beam_heads=args.beam_heads,
+                          draft_beams=args.draft_beams, draft_depth=args.draft_depth,
+                          tree_budget=args.tree_budget).replace(**changes)
 
 
 def main_guard(fn):

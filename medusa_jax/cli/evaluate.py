@@ -7,12 +7,14 @@
 set (DialogSum, GSM8K, Alpaca seed tasks, GPTeacher codegen: `medusa_jax/eval/references.py`).
 `--strategies`: `greedy` (plain decoding), `medusa` (the heads' tree, with the lookup chain their
 `tree.json` names), `heads` (the heads' tree alone), `lookup` (prompt lookup), `beam:W` (beam
-search of width W), `medusa-beam:WxH` (Medusa with a tree built each step from a beam search of
+search of width W), `spec-beam:W` (the same beam search, each beam drafting the heads' tree:
+speculative, same outputs), `medusa-beam:WxH` (Medusa with a tree built each step from a beam search of
 width W, depth H over the heads; `medusa-beam:WxH@N` in N nodes). Each prompt runs under each
-strategy in turn, after that shape's compilation. Per strategy: BLEU, chrF, ROUGE-1/2/L,
+strategy in turn, after a warm-up run of that shape. Per strategy: BLEU, chrF, ROUGE-1/2/L,
 exact match (where references hold a final answer), tokens per step, tokens/s, and RTF =
 generation seconds / greedy's on the same prompts (greedy runs even when not listed). Greedy,
-medusa, heads, lookup and medusa-beam decode greedily, so their outputs and scores are equal.
+medusa, heads, lookup and medusa-beam decode greedily, so their outputs and scores are equal; so
+are beam:W's and spec-beam:W's.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
-_STRATEGY = re.compile(r"^(greedy|medusa|heads|lookup)$|^beam:(\d+)$|^medusa-beam:(\d+)x(\d+)(?:@(\d+))?$")
+_STRATEGY = re.compile(r"^(greedy|medusa|heads|lookup)$|^(spec-)?beam:(\d+)$|^medusa-beam:(\d+)x(\d+)(?:@(\d+))?$")
 METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
@@ -40,13 +42,14 @@ def strategy_settings(name: str) -> dict:
   """A `--strategies` name -> `GenerationConfig` settings."""
   m = _STRATEGY.match(name)
   if not m:
-    raise MedusaError(f"unknown strategy {name!r}; use greedy, medusa, heads, lookup, beam:W, medusa-beam:WxH[@N]")
-  plain, beams, width, depth, budget = m.groups()
+    raise MedusaError(f"unknown strategy {name!r}; use greedy, medusa, heads, lookup, beam:W, spec-beam:W, "
+                      "medusa-beam:WxH[@N]")
+  plain, spec, beams, width, depth, budget = m.groups()
   if plain:
     return {"greedy": dict(mode="baseline"), "medusa": dict(mode="medusa"),
             "heads": dict(mode="medusa", lookup=0), "lookup": dict(mode="lookup")}[plain]
   if beams:
-    return dict(mode="beam", num_beams=int(beams))
+    return dict(mode="beam", num_beams=int(beams), beam_heads=bool(spec))
   return dict(mode="medusa", draft_beams=int(width), draft_depth=int(depth),
               tree_budget=int(budget) if budget else None)
 
@@ -78,6 +81,7 @@ def main(argv=None):
     raise MedusaError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
   quiet_logs()
   import medusa_jax
+  from medusa_jax.decode.engine import bucket
   from medusa_jax.eval import metrics, references
 
   examples = references.load(args.data, args.max_prompts)
@@ -87,10 +91,13 @@ def main(argv=None):
     engine.resolve_mode(s["mode"])  # a clear error before any work (e.g. medusa without heads)
   totals = {s: dict(seconds=0.0, tokens=0, steps=0) for s in strategies}
   outputs = {s: [] for s in strategies}
+  warm = set()
   for ex in examples:
     ids = [engine.encode(ex.prompt)]
     for s in strategies:
-      engine.generate_ids(ids, max_new_tokens=args.max_new_tokens, **settings[s])  # compiles (once per shape)
+      if (s, bucket(len(ids[0]))) not in warm:  # a warm-up run per compiled shape
+        engine.generate_ids(ids, max_new_tokens=args.max_new_tokens, **settings[s])
+        warm.add((s, bucket(len(ids[0]))))
       out = engine.generate_ids(ids, max_new_tokens=args.max_new_tokens, **settings[s])
       n = int(out.num_tokens[0])
       outputs[s].append(engine.tokenizer.decode([int(t) for t in out.tokens[0, :n]], skip_special_tokens=True))

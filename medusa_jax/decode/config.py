@@ -20,7 +20,9 @@ class GenerationConfig:
   """How to generate. `mode`: "medusa", "baseline", "lookup" (prompt lookup: `draft_tokens`
   tokens after the latest earlier match of the last `ngram`..1 tokens), "beam" (beam search of
   the base model, `num_beams` wide, as transformers' `generate(num_beams=...)`: `length_penalty`,
-  `early_stopping` True/False/"never", the `num_return_sequences` best per prompt), "draft" (the engine's
+  `early_stopping` True/False/"never", the `num_return_sequences` best per prompt; with
+  `beam_heads`, every beam drafts the heads' tree (static, or per step with `draft_beams`) and
+  one forward verifies them all: the same result in fewer forwards), "draft" (the engine's
   draft model proposes `draft_tokens` tokens, or with `draft_tree` (a tree spec, `tree.get_tree`)
   a tree of its top-k tokens: a path's ranks are the draft's), or "auto" (Medusa when heads are loaded). `lookup` > 0 adds a lookup chain of that many tokens to Medusa's tree
   (0: the heads alone; None: the heads directory's default, `tree.json`'s "lookup"), only on steps
@@ -54,6 +56,7 @@ class GenerationConfig:
   length_penalty: float = 1.0
   early_stopping: bool | str = False
   num_return_sequences: int = 1
+  beam_heads: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medusa_jax.decode.beam import beam_generate
+from medusa_jax.decode.beam import beam_generate, speculative_beam_generate
 from medusa_jax.decode.config import MODES, GenerationConfig
 from medusa_jax.decode.drafters import (
   BeamTreeDrafter,
@@ -243,6 +243,8 @@ class Engine:
     mode = self.resolve_mode(config.mode)
     max_new_tokens = config.max_new_tokens
     drafter, params = self.drafter(mode, config) if mode not in ("baseline", "beam") else (None, None)
+    if mode == "beam" and config.beam_heads:  # the heads' tree, static or per step, without lookup
+      drafter, params = self.drafter(self.resolve_mode("medusa"), config.replace(lookup=0))
     extra = drafter.tree.size if drafter else 0
     length = self._check_lengths(prompts, max_new_tokens, extra)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)
@@ -252,8 +254,12 @@ class Engine:
     common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
                   cache_dtype=self.dtype)
     if mode == "beam":
-      out, seconds = self._call(beam_generate, self.state, *args[:2], self.eos_ids, params=config.beam,
-                                **common)
+      if drafter is None:
+        out, seconds = self._call(beam_generate, self.state, *args[:2], self.eos_ids, params=config.beam,
+                                  **common)
+      else:
+        out, seconds = self._call(speculative_beam_generate, self.state, params, *args[:2], self.eos_ids,
+                                  drafter=drafter, params=config.beam, **common)
       n = config.num_return_sequences
       return GenerationResult(np.asarray(out.tokens[:, :n]).reshape(-1, max_new_tokens),
                               np.asarray(out.num_tokens[:, :n]).reshape(-1),
