@@ -23,8 +23,9 @@ ALLOWED = {
     "tuning": {"errors", "model", "medusa", "decode"},
     "serve": {"errors", "decode"},
     "onnx": {"errors", "atomic", "model", "medusa"},
+    "eval": {"errors"},
     "cli": {"", "errors", "atomic", "model", "medusa", "weights", "decode", "training", "formats",
-            "tuning", "serve", "onnx"},
+            "tuning", "serve", "onnx", "eval"},
     "": {"errors", "model", "medusa", "weights", "decode", "formats"},
 }
 
