@@ -74,8 +74,8 @@ def test_medusa_beam_paths_are_the_best_paths_by_brute_force():
     assert [list(p) for _, p in scored[:width]] == paths[b].tolist()
 
 
-@pytest.mark.parametrize("beams,depth,budget", [(3, 3, None), (4, 4, 9), (1, 2, None)])
-@pytest.mark.parametrize("lengths", [[11], [5, 17, 9, 30]])
+@pytest.mark.parametrize("beams,depth,budget,lengths", [(3, 3, None, [5, 17, 9, 30]), (4, 4, 9, [5, 17, 9, 30]),
+                                                        (1, 2, None, [11])])
 def test_greedy_medusa_beam_equals_greedy_baseline(beams, depth, budget, lengths):
   model = random_model(preset("tiny"), seed=3)
   engine = Engine(model, ByteTokenizer(), heads=random_heads(model), max_cache_len=1024)

@@ -35,34 +35,41 @@ def test_metrics_equal_the_libraries_called_directly():
   for name in ("rouge1", "rouge2", "rougeL"):
     expected = sum(scorer.score_multi(list(r), o)[name].fmeasure for o, r in zip(OUTPUTS, REFS)) / 3
     assert got[name] == pytest.approx(100 * expected)
-  assert got["exact_match"] is None  # only one reference set holds a final answer
+  assert got["exact_match"] is None  # no final answers given
   perfect = metrics.score(["the cat sat on the mat"], [("the cat sat on the mat",)])
   assert perfect["bleu"] == pytest.approx(100) and perfect["rougeL"] == pytest.approx(100)
 
 
 def test_exact_match_of_final_answers():
   refs = [("so 6 + 6 = 12\n#### 12",), ("#### 1,000",), ("#### 7",)]
-  got = metrics.score(["The answer is 12.", "That makes 1000.0 dollars", "#### 8 (or 7)"], refs)
+  answers = [metrics.final_answer(r[0], reference=True) for r in refs]
+  assert answers == ["12", "1000", "7"]
+  got = metrics.score(["The answer is 12.", "That makes 1000.0 dollars", "#### 8 (or 7)"], refs, answers)
   assert got["exact_match"] == pytest.approx(200 / 3)
+  assert metrics.score(["12"], refs[:1], [None])["exact_match"] is None
   assert metrics.final_answer("no number here") is None
   assert metrics.final_answer("3 apples and 4 pears") == "4"
 
 
 def test_loaders_recognise_each_set(tmp_path):
   rows = {
-      "generic.jsonl": ['{"prompt": "p", "reference": "r"}', '{"prompt": "q", "references": ["a", "b"]}'],
+      "generic.jsonl": ['{"prompt": "p", "reference": "r", "answer": 3}', '{"prompt": "q", "references": ["a", "b"]}'],
       "dialogsum.jsonl": ['{"fname": "x", "dialogue": "#Person1#: hi", "summary1": "s1", "summary2": "s2", "summary3": "s3"}'],
       "seed.jsonl": ['{"instruction": "Add.", "instances": [{"input": "1 2", "output": "3"}]}'],
   }
   for name, lines in rows.items():
     (tmp_path / name).write_text("\n".join(lines))
   (tmp_path / "gsm.json").write_text(json.dumps([{"instruction": "What is 2+2?", "input": "", "output": "4\n#### 4"}]))
+  (tmp_path / "my_gsm8k.json").write_text(json.dumps([{"instruction": "2+3?", "input": "", "output": "2+3 = 5 apples."}]))
   (tmp_path / "code.json").write_text(json.dumps([{"instruction": "Write x.", "input": "", "response": "x = 1"}]))
-  assert references.load(str(tmp_path / "generic.jsonl"))[1] == references.Example("q", ("a", "b"))
+  generic = references.load(str(tmp_path / "generic.jsonl"))
+  assert generic[1] == references.Example("q", ("a", "b")) and generic[0].answer == "3"
   d = references.load(str(tmp_path / "dialogsum.jsonl"))[0]
   assert d.prompt.endswith("#Person1#: hi") and d.references == ("s1", "s2", "s3")
   assert references.load(str(tmp_path / "seed.jsonl"))[0] == references.Example("Add.\n\n1 2", ("3",))
-  assert references.load(str(tmp_path / "gsm.json"))[0] == references.Example("What is 2+2?", ("4\n#### 4",))
+  assert references.load(str(tmp_path / "gsm.json"))[0] == references.Example("What is 2+2?", ("4\n#### 4",), "4")
+  assert references.load(str(tmp_path / "my_gsm8k.json"))[0].answer == "5"  # GSM8K without ####: the last number
+  assert references.load(str(tmp_path / "seed.jsonl"))[0].answer is None
   assert references.load(str(tmp_path / "code.json"))[0].references == ("x = 1",)
   (tmp_path / "bad.jsonl").write_text('{"question": "?"}\n')
   with pytest.raises(MedusaError, match="row 1: unknown row"):

@@ -70,20 +70,38 @@ def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
 
 
 def test_every_drafter_is_lossless_on_the_embedded_model(smollm2):
-  """Prompt lookup and self-drafting with the first 8 layers: greedy output equals greedy baseline
-  (a batch of 3, one that copies its context). The shipped heads with their lookup chain are the
-  default, tested above."""
+  """Prompt lookup, self-drafting with the first 8 layers and the shipped heads' trees built per
+  step by beam search: greedy output equals greedy baseline (a batch of 3, one that copies its
+  context). The shipped heads with their lookup chain are the default, tested above."""
   prompts = [smollm2.encode(p) for p in CHAT_PROMPTS[:2] + [
       "Repeat this sentence twice: the cat sat on the mat and looked at the door."]]
   base, base_n, _, _ = smollm2.generate_ids(prompts, max_new_tokens=48, mode="baseline")
   smollm2.set_draft_model("self:8")
-  for settings in (dict(mode="lookup", draft_tokens=4), dict(mode="draft", draft_tokens=3)):
+  for settings in (dict(mode="lookup", draft_tokens=4), dict(mode="draft", draft_tokens=3),
+                   dict(mode="medusa", draft_beams=4, draft_depth=3, tree_budget=9)):
     out, n, steps, _ = smollm2.generate_ids(prompts, max_new_tokens=48, **settings)
     np.testing.assert_array_equal(n, base_n, err_msg=str(settings))
     np.testing.assert_array_equal(out, base, err_msg=str(settings))
     if settings["mode"] != "draft":  # 8 of 30 layers seldom guess right; they must stay lossless
       assert n.sum() / steps.sum() > 1.05, (settings, n, steps)
   smollm2.set_draft_model(None)
+
+
+def test_beam_search_equals_transformers_and_the_heads_speed_it_up(smollm2, smollm2_torch):
+  """Beam search (2 beams) gives transformers' best sequence; speculative beam search (each beam
+  drafts the shipped heads' tree) gives the same hypotheses in fewer forwards."""
+  prompts = [smollm2.encode(p) for p in CHAT_PROMPTS]
+  beam = smollm2.generate_ids(prompts, mode="beam", num_beams=2, num_return_sequences=2, max_new_tokens=40)
+  with torch.no_grad():
+    ref = smollm2_torch.generate(torch.tensor([prompts[0]]), num_beams=2, do_sample=False, max_new_tokens=40,
+                                 eos_token_id=list(np.asarray(smollm2.eos_ids)), pad_token_id=2)
+  n = int(beam.num_tokens[0])
+  assert list(beam.tokens[0, :n]) == ref[0, len(prompts[0]):len(prompts[0]) + n].tolist()
+  spec = smollm2.generate_ids(prompts, mode="beam", num_beams=2, num_return_sequences=2, max_new_tokens=40,
+                              beam_heads=True)
+  np.testing.assert_array_equal(spec.num_tokens, beam.num_tokens)
+  np.testing.assert_array_equal(spec.tokens, beam.tokens)
+  assert spec.steps[0] < beam.steps[0], (spec.steps, beam.steps)
 
 
 def test_shipped_medusa_type_heads_export_for_tgi(smollm2, tmp_path):

@@ -3,7 +3,8 @@
     python infer/evaluate.py --data ../shared/data/references/dialogsum_test.jsonl \\
         --strategies greedy medusa beam:4 medusa-beam:4x3 --max-prompts 20 --out r.json --plot r.png
 
-`--data`: JSONL rows `{"prompt": ..., "reference": ...}` (or `"references": [...]`), or a shared
+`--data`: JSONL rows `{"prompt": ..., "reference": ...}` (or `"references": [...]`; optionally
+`"answer"`, a final answer for exact match), or a shared
 set (DialogSum, GSM8K, Alpaca seed tasks, GPTeacher codegen: `medusa_jax/eval/references.py`).
 `--strategies`: `greedy` (plain decoding), `medusa` (the heads' tree, with the lookup chain their
 `tree.json` names), `heads` (the heads' tree alone), `lookup` (prompt lookup), `beam:W` (beam
@@ -11,7 +12,7 @@ search of width W), `spec-beam:W` (the same beam search, each beam drafting the 
 speculative, same outputs), `medusa-beam:WxH` (Medusa with a tree built each step from a beam search of
 width W, depth H over the heads; `medusa-beam:WxH@N` in N nodes). Each prompt runs under each
 strategy in turn, after a warm-up run of that shape. Per strategy: BLEU, chrF, ROUGE-1/2/L,
-exact match (where references hold a final answer), tokens per step, tokens/s, and RTF =
+exact match (where the set has final answers: GSM8K, rows with "answer"), tokens per step, tokens/s, and RTF =
 generation seconds / greedy's on the same prompts (greedy runs even when not listed). Greedy,
 medusa, heads, lookup and medusa-beam decode greedily, so their outputs and scores are equal; so
 are beam:W's and spec-beam:W's.
@@ -104,12 +105,12 @@ def main(argv=None):
       totals[s]["seconds"] += out.seconds
       totals[s]["tokens"] += n
       totals[s]["steps"] += int(out.steps[0])
-  refs = [ex.references for ex in examples]
+  refs, answers = [ex.references for ex in examples], [ex.answer for ex in examples]
   greedy_seconds = totals["greedy"]["seconds"]
   table = {}
   for s in strategies:
     t = totals[s]
-    table[s] = metrics.score(outputs[s], refs) | {
+    table[s] = metrics.score(outputs[s], refs, answers) | {
         "tokens_per_step": t["tokens"] / max(t["steps"], 1),
         "tokens_per_second": t["tokens"] / t["seconds"] if t["seconds"] else 0.0,
         "rtf": t["seconds"] / greedy_seconds if greedy_seconds else None,
@@ -117,7 +118,7 @@ def main(argv=None):
   result = {"model": engine.name, "data": args.data, "prompts_evaluated": len(examples),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
             "strategies": table,
-            "prompts": [{"prompt": ex.prompt, "references": list(ex.references),
+            "prompts": [{"prompt": ex.prompt, "references": list(ex.references), "answer": ex.answer,
                          "outputs": {s: outputs[s][i] for s in strategies}} for i, ex in enumerate(examples)]}
   write_json(args.out, result, indent=1)
   print(_table(table))

@@ -1,6 +1,6 @@
 """Quality metrics of outputs against references: corpus BLEU and chrF (sacrebleu), ROUGE-1/2/L
 F-measures (rouge-score, the best reference per output, averaged), and exact match of final
-answers where references hold one (GSM8K's `#### n`). All on a 0-100 scale."""
+answers where the set has them (GSM8K). All on a 0-100 scale."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def final_answer(text: str, *, reference: bool = False) -> str | None:
-  """The number after `####` (a reference's only form of answer; an output's, if it writes one), else
-  an output's last number; commas and a trailing `.0` dropped."""
+  """The number after `####`, else (unless `reference`: then None) the text's last number; commas
+  and a trailing `.0` dropped."""
   if "####" in text:
     found = _NUMBER.findall(text.split("####")[-1])[:1]
   else:
@@ -23,9 +23,11 @@ def final_answer(text: str, *, reference: bool = False) -> str | None:
   return number[:-2] if number.endswith(".0") else number
 
 
-def score(outputs: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+def score(outputs: Sequence[str], references: Sequence[Sequence[str]],
+          answers: Sequence[str | None] | None = None) -> dict:
   """{"bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match"} of `outputs` against each one's
-  `references`; exact_match is None unless every reference set holds a final answer."""
+  `references`; exact_match: the outputs' final answers (`final_answer`) against `answers`, None
+  unless every output has one to meet."""
   import sacrebleu
   from rouge_score import rouge_scorer
 
@@ -33,9 +35,8 @@ def score(outputs: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
   refs = [[r[i] if i < len(r) else None for r in references] for i in range(streams)]
   scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
   rouge = [scorer.score_multi(list(r), o) for o, r in zip(outputs, references)]
-  answers = [final_answer(r[0], reference=True) for r in references]
   exact = None
-  if all(a is not None for a in answers):
+  if answers is not None and all(a is not None for a in answers):
     exact = 100.0 * sum(final_answer(o) == a for o, a in zip(outputs, answers)) / len(outputs)
   result = {"bleu": sacrebleu.corpus_bleu(list(outputs), refs).score,
             "chrf": sacrebleu.corpus_chrf(list(outputs), refs).score}

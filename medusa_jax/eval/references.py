@@ -10,7 +10,9 @@
 | `instruction`, `response` | GPTeacher codegen (`prompts/gpteacher_codegen.json`) | instruction + input | `response` |
 | `instruction`, `output` | Alpaca JSON, e.g. GSM8K (`prompts/gsm8k_train.json`) | instruction + input | `output` |
 
-A reference holding `#### <answer>` (GSM8K) also gives the final answer that exact match compares.
+Exact match compares final answers: a row's `"answer"`, or the number after `#### ` in its reference
+(GSM8K's own form), or, in a file named `*gsm8k*` (the Alpaca conversion, without `####`), the
+reference's last number.
 The shared sets are read where they lie (../shared/data); their licences keep them out of this
 project's files.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from medusa_jax.errors import MedusaError
+from medusa_jax.eval.metrics import final_answer
 
 SUMMARIZE = "Summarize the following dialogue in one or two sentences.\n\n{}"
 
@@ -29,6 +33,7 @@ SUMMARIZE = "Summarize the following dialogue in one or two sentences.\n\n{}"
 class Example:
   prompt: str
   references: tuple[str, ...]
+  answer: str | None = None  # the final answer exact match compares, where the set has one
 
 
 def _with_input(instruction: str, text: str | None) -> str:
@@ -40,7 +45,7 @@ def _example(row: dict, where: str) -> Example:
     refs = row.get("references", [row["reference"]] if "reference" in row else None)
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
       raise MedusaError(f'{where}: a row with "prompt" needs "reference" (text) or "references" (a list of texts)')
-    return Example(row["prompt"], tuple(refs))
+    return Example(row["prompt"], tuple(refs), None if row.get("answer") is None else str(row["answer"]))
   if "dialogue" in row:
     refs = [row[k] for k in ("summary1", "summary2", "summary3", "summary") if row.get(k)]
     return Example(SUMMARIZE.format(row["dialogue"]), tuple(refs))
@@ -68,4 +73,7 @@ def load(path: str, limit: int | None = None) -> list[Example]:
     raise MedusaError(f"{path}: not JSON or JSONL ({e})") from None
   if not rows or not all(isinstance(r, dict) for r in rows):
     raise MedusaError(f"{path}: expected a list of JSON objects")
-  return [_example(r, f"{path} row {i + 1}") for i, r in enumerate(rows[:limit])]
+  examples = [_example(r, f"{path} row {i + 1}") for i, r in enumerate(rows[:limit])]
+  last_number = "gsm8k" in os.path.basename(path).lower()
+  return [dataclasses.replace(ex, answer=ex.answer or final_answer(ex.references[0], reference=not last_number))
+          for ex in examples]
