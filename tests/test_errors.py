@@ -72,7 +72,7 @@ def test_sampling_settings_out_of_range():
                           ({"temperature": 0.7, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
                           ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"),
                           ({"acceptance": "exact"}, "unknown acceptance 'exact'; use lossless or typical"),
-                          ({"mode": "beam"}, "unknown mode 'beam'"),
+                          ({"mode": "bogus"}, "unknown mode 'bogus'"),
                           ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
                           ({"temprature": 0.5}, "unknown generation setting 'temprature'")]:
     with pytest.raises(MedusaError, match=message):
