@@ -27,18 +27,20 @@ the size whose predicted tokens/s is best, with step times measured on this devi
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
-from medusa_jax.atomic import atomic_file, write_json
+from medusa_jax.atomic import write_json
 from medusa_jax.cli.common import (
   add_draft_model_flag,
   add_generation_flags,
   add_mesh_flag,
+  check_output_paths,
   generation_config,
   main_guard,
+  plot_figure,
   quiet_logs,
   require_positive,
+  save_figure,
 )
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
@@ -103,12 +105,7 @@ def main(argv=None):
       raise MedusaError(f"--tree-nodes takes a number of nodes or 'auto', got {args.tree_nodes!r}")
     args.tree_nodes = int(args.tree_nodes)
   require_positive(args, "max_prompts", "max_new_tokens", "batch_size")
-  for name in ("out", "plot", "save_tree"):  # before the run, not after it
-    path = getattr(args, name)
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-      raise MedusaError(f"--{name.replace('_', '-')} {path}: no such directory")
-  if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
-    raise MedusaError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
+  check_output_paths(args, "out", "plot", "save_tree")
   if args.topk < 1 or args.tree_nodes == 0:
     raise MedusaError("--topk and --tree-nodes must be at least 1")
   if (args.tree_nodes or args.accuracy_only) and not args.heads_accuracy:
@@ -284,21 +281,13 @@ def _tune_tree_size(engine, best_tree, expected: dict) -> dict:
 
 
 def _plot(result: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = list(result["categories"]) + ["overall"]
   stats = [result["categories"].get(n, result["overall"]) for n in names]
-  fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(names)), 4))
+  fig, axes = plot_figure(max(6, 1.2 * len(names)))
   for ax, key, label in zip(axes, ("mean_accepted_tokens", "speedup"), ("tokens per step", "speedup")):
     ax.bar(names, [s[key] for s in stats])
     ax.set_title(label)
-    ax.tick_params(axis="x", rotation=45)
-  fig.tight_layout()
-  with atomic_file(path) as tmp:
-    fig.savefig(tmp, dpi=100)
+  save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import functools
 import os
 import sys
 
+from medusa_jax.atomic import atomic_file
 from medusa_jax.decode.config import ACCEPTANCES, GenerationConfig
 from medusa_jax.errors import MedusaError
 
@@ -27,6 +28,37 @@ def require_positive(args, *names: str) -> None:
     value = getattr(args, name)
     if value is not None and value < 1:
       raise MedusaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_output_paths(args, *names: str) -> None:
+  """Before any work: a one-line error for the first of these argparse flags (paths; None: not
+  given) whose directory does not exist, or a `plot` that is not .png, .pdf or .svg."""
+  for name in names:
+    path = getattr(args, name)
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise MedusaError(f"--{name.replace('_', '-')} {path}: no such directory")
+  plot = getattr(args, "plot", None)
+  if plot and os.path.splitext(plot)[1].lower() not in (".png", ".pdf", ".svg"):
+    raise MedusaError(f"--plot {plot}: write a .png, .pdf or .svg file")
+
+
+def plot_figure(width: float, panels: int = 2):
+  """A matplotlib figure of `panels` side by side (no display needed): (figure, axes)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt.subplots(1, panels, figsize=(width, 4))
+
+
+def save_figure(fig, path: str) -> None:
+  """Writes a figure atomically, its x labels turned to fit."""
+  for ax in fig.axes:
+    ax.tick_params(axis="x", rotation=45)
+  fig.tight_layout()
+  with atomic_file(path) as tmp:
+    fig.savefig(tmp, dpi=100)
 
 
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:

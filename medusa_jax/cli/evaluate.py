@@ -21,15 +21,17 @@ are beam:W's and spec-beam:W's.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
-from medusa_jax.atomic import atomic_file, write_json
+from medusa_jax.atomic import write_json
 from medusa_jax.cli.common import (
   add_mesh_flag,
+  check_output_paths,
   main_guard,
+  plot_figure,
   quiet_logs,
   require_positive,
+  save_figure,
 )
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
@@ -74,12 +76,7 @@ def main(argv=None):
   require_positive(args, "max_prompts", "max_new_tokens")
   strategies = list(dict.fromkeys(["greedy"] + args.strategies))  # greedy first: RTF's reference
   settings = {s: strategy_settings(s) for s in strategies}
-  for name in ("out", "plot"):
-    path = getattr(args, name)
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-      raise MedusaError(f"--{name} {path}: no such directory")
-  if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
-    raise MedusaError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
+  check_output_paths(args, "out", "plot")
   quiet_logs()
   import medusa_jax
   from medusa_jax.decode.engine import bucket
@@ -138,13 +135,8 @@ def _table(table: dict) -> str:
 
 
 def _plot(table: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = list(table)
-  fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.4 * len(names)), 4))
+  fig, axes = plot_figure(max(7, 1.4 * len(names)))
   for key in ("bleu", "rougeL"):
     axes[0].plot(names, [table[n][key] for n in names], marker="o", label=key)
   axes[0].set_title("quality (0-100)")
@@ -152,11 +144,7 @@ def _plot(table: dict, path: str) -> None:
   axes[1].bar(names, [table[n]["rtf"] for n in names])
   axes[1].axhline(1.0, color="gray", linestyle="--")
   axes[1].set_title("RTF (greedy = 1, lower is faster)")
-  for ax in axes:
-    ax.tick_params(axis="x", rotation=45)
-  fig.tight_layout()
-  with atomic_file(path) as tmp:
-    fig.savefig(tmp, dpi=100)
+  save_figure(fig, path)
 
 
 if __name__ == "__main__":
