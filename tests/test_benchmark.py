@@ -19,10 +19,15 @@ from medusa_jax.weights.specs import random_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_benchmark_cli(tmp_path):
+def write_tiny_heads(path, num_heads: int = 3) -> None:
+  """Random Medusa heads (shared lm_head) for `random:tiny`, written as a heads directory."""
   base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
-  medusa_format.write(str(tmp_path / "heads"), random_heads(base, HeadsConfig(3, 1, True)), base,
+  medusa_format.write(str(path), random_heads(base, HeadsConfig(num_heads, 1, True)), base,
                       base_model="random:tiny", lm_head_copies=False)
+
+
+def test_benchmark_cli(tmp_path):
+  write_tiny_heads(tmp_path / "heads")
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there", "and again"], "category": "chat"}\n'
                      '{"turns": ["what is two plus two"], "category": "math"}\n'
@@ -54,9 +59,7 @@ def test_benchmark_cli(tmp_path):
 def _accuracy_run(tmp_path, num_heads: int, *flags: str) -> tuple[dict, dict]:
   """Runs the benchmark CLI with --heads-accuracy on random:tiny with random heads; returns (the
   --out JSON, the --save-tree JSON)."""
-  base = random_model(preset("tiny"), seed=0)
-  medusa_format.write(str(tmp_path / "heads"), random_heads(base, HeadsConfig(num_heads, 1, True)),
-                      base, base_model="random:tiny", lm_head_copies=False)
+  write_tiny_heads(tmp_path / "heads", num_heads)
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n')
   out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"

@@ -11,14 +11,10 @@ import sys
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
-from test_medusa import random_heads
+from test_benchmark import write_tiny_heads
 
 from medusa_jax.errors import MedusaError
 from medusa_jax.eval import metrics, references
-from medusa_jax.formats import medusa as medusa_format
-from medusa_jax.medusa.heads import HeadsConfig
-from medusa_jax.model.config import preset
-from medusa_jax.weights.specs import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = ["the cat sat on the mat", "a quick brown fox jumps", "he paid 12 dollars"]
@@ -77,9 +73,7 @@ def test_loaders_recognise_each_set(tmp_path):
 
 
 def test_evaluate_cli(tmp_path):
-  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
-  medusa_format.write(str(tmp_path / "heads"), random_heads(base, HeadsConfig(3, 1, True)), base,
-                      base_model="random:tiny", lm_head_copies=False)
+  write_tiny_heads(tmp_path / "heads")
   data = tmp_path / "d.jsonl"
   data.write_text('{"prompt": "hello there", "reference": "hi"}\n'
                   '{"prompt": "two plus two", "references": ["four", "#### 4"]}\n'
