@@ -281,35 +281,50 @@ def test_heads_directory_names_its_lookup_chain(tmp_path):
     medusa_jax.load("random:tiny", heads=str(heads_dir))
 
 
+def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, **settings):
+  """Greedy rows decoded by the server's slots (`decode/slots.py`; one slot more than rows), 2 steps
+  a chunk over `mode`'s drafter; with `plain_every` n, every n-th chunk plain. Returns (each row's
+  tokens, chunks run, each drafted chunk's (counts, budgets left before it) per row)."""
+  from medusa_jax.decode import slots as device
+  from medusa_jax.decode.config import GenerationConfig
+
+  drafter, params = engine.drafter(mode, GenerationConfig(**settings))
+  rows = len(prompts)
+  draft = drafter.empty(params, engine.model, rows + 1, 256, engine.dtype, None)
+  slots = device.Slots.init(engine.config, rows + 1, 256, engine.dtype, draft=draft)
+  out = [[] for _ in prompts]
+  for i, p in enumerate(prompts):
+    tokens = np.full((1, 64), engine.pad_id, np.int32)
+    tokens[0, :len(p)] = p
+    slots, first, _ = device.insert(engine.state, params, slots, jnp.int32(i), jnp.asarray(tokens),
+                                    jnp.int32(len(p)), jnp.float32(0), jnp.float32(1), jnp.uint32(0),
+                                    jnp.int32(max_new), jnp.bool_(True), engine.eos_ids, graphdef=engine.graphdef,
+                                    drafter=drafter)
+    out[i] = [int(first)]
+  chunks, drafted = 0, []
+  while not bool(np.asarray(slots.done[:rows]).all()):
+    plain = bool(plain_every) and chunks % plain_every == plain_every - 1
+    left = np.asarray(slots.budget[:rows])
+    slots, tokens, counts = device.run_chunk(engine.state, params, slots, engine.eos_ids, graphdef=engine.graphdef,
+                                             drafter=drafter, bucket=rows, steps=2, plain=plain)
+    for i in range(rows):
+      out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
+    if not plain:
+      drafted.append((np.asarray(counts), left))
+    chunks += 1
+  return out, chunks, drafted
+
+
 def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   """The server's slots (`decode/slots.py`) keep each row's tokens, so a chunk drafts with prompt
   lookup too, grafted onto the heads' tree (always or gated) or alone: two greedy rows decoded in
   chunks give the baseline's tokens, and the chain is accepted on repetitive text (fewer chunks
   than the heads alone)."""
-  from medusa_jax.decode import slots as device
-  from medusa_jax.decode.config import GenerationConfig
-
   prompts = _prompts([20, 34])
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
 
   def decode(mode, **settings):
-    drafter, params = tiny.drafter(mode, GenerationConfig(**settings))
-    slots = device.Slots.init(tiny.config, 2, 256, tiny.dtype)
-    out = [[] for _ in prompts]
-    for i, p in enumerate(prompts):
-      tokens = np.full((1, 64), tiny.pad_id, np.int32)
-      tokens[0, :len(p)] = p
-      slots, first, _ = device.insert(tiny.state, slots, jnp.int32(i), jnp.asarray(tokens), jnp.int32(len(p)),
-                                      jnp.float32(0), jnp.float32(1), jnp.uint32(0), jnp.int32(48),
-                                      jnp.bool_(True), tiny.eos_ids, graphdef=tiny.graphdef)
-      out[i] = [int(first)]
-    chunks = 0
-    while not bool(np.asarray(slots.done[:2]).all()):
-      slots, tokens, counts = device.run_chunk(tiny.state, params, slots, tiny.eos_ids, graphdef=tiny.graphdef,
-                                               drafter=drafter, bucket=2, steps=2)
-      for i in range(2):
-        out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
-      chunks += 1
+    out, chunks, _ = _decode_in_chunks(tiny, prompts, mode, **settings)
     for i in range(2):
       assert out[i] == list(base[i][: base_n[i]]), (mode, settings)
     return chunks
@@ -318,3 +333,21 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   assert decode("medusa", lookup=4, min_ngram=0) < heads
   assert decode("medusa", lookup=4, min_ngram=2) < heads
   assert decode("lookup", draft_tokens=4) < heads
+  assert decode("medusa", lookup=4, plain_every=2) < heads
+
+
+@pytest.mark.parametrize("draft,tree", [("other", None), ("same", None), ("same", DRAFT_TREE), ("other", DRAFT_TREE)])
+def test_server_chunks_draft_with_a_model_that_catches_up_after_plain_chunks(tiny_draft, draft, tree):
+  """A draft model in the server's slots keeps its own KV cache rows; a plain chunk (every other
+  one here) writes its tokens there in one forward at its end. Greedy rows equal the baseline, and
+  the target drafting for itself accepts every drafted token in every step of every drafted
+  chunk, which holds only if its cache is right after each plain chunk."""
+  tiny_draft.set_draft_model(random_model(preset("tiny"), seed={"other": 9, "same": 3}[draft]), ByteTokenizer())
+  prompts = _prompts([20, 34])
+  base, base_n, _, _ = tiny_draft.generate_ids(prompts, max_new_tokens=48, mode="baseline")
+  out, _, drafted = _decode_in_chunks(tiny_draft, prompts, "draft", plain_every=2, draft_tokens=3, draft_tree=tree)
+  for i in range(2):
+    assert out[i] == list(base[i][: base_n[i]])
+  if draft == "same":  # 2 steps of 3 drafted + 1 bonus, or what is left of the budget
+    for counts, left in drafted:
+      np.testing.assert_array_equal(counts, np.minimum(8, np.maximum(left, 0)))

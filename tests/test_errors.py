@@ -171,3 +171,13 @@ def test_cli_number_and_path_flags(tmp_path, capsys):
                       base_model="random:tiny", lm_head_copies=False)
   [line] = _cli_error("infer/generate.py", ["--model", "random:tiny", "--heads", str(heads), "--tree", "[0,"], capsys)
   assert line.startswith("error: cannot parse the tree '[0,' as a JSON list of paths")
+
+
+def test_serve_flags(capsys):
+  """The server refuses conflicting or bad drafting flags before it loads anything."""
+  assert _cli_error("infer/serve.py", ["--model", "random:tiny", "--draft-model", "self:1", "--heads", "default"],
+                    capsys) == ["error: --draft-model drafts instead of heads: leave out --heads (or pass --heads none)"]
+  assert _cli_error("infer/serve.py", ["--model", "random:tiny", "--draft-model", "self:1", "--draft-tokens", "0"],
+                    capsys) == ["error: --draft-tokens must be at least 1, got 0"]
+  assert _cli_error("infer/serve.py", ["--model", "random:tiny", "--draft-model", "self:9"],
+                    capsys) == ["error: self:9: L must be in 1..2, the model's layers"]

@@ -220,18 +220,28 @@ def test_unknown_route_is_a_json_404(server):
 
 def test_full_queue_answers_429_and_sigterm_finishes_in_flight(tmp_path):
   """One slot and a queue of one: a third concurrent request gets 429. SIGTERM while a request
-  streams: it still completes, and the process exits without a traceback. (This server drafts by
-  prompt lookup alone: `--heads none --lookup 3`.)"""
-  proc, base = _start(tmp_path, "--model", MODEL, "--heads", "none", "--lookup", "3", "--max-batch", "1",
-                      "--max-queue", "1", "--max-context", "256", "--chunk-steps", "1")
+  streams: it still completes, and the process exits without a traceback. This server drafts with
+  a draft model (the target's first layer, `--draft-model self:1`, in its own KV cache rows); its
+  greedy answer is `Engine.generate`'s."""
+  import jax.numpy as jnp
+
+  import medusa_jax
+
+  proc, base = _start(tmp_path, "--model", MODEL, "--draft-model", "self:1", "--draft-tokens", "2",
+                      "--max-batch", "1", "--max-queue", "1", "--max-context", "256", "--chunk-steps", "1")
   body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 150,
           "temperature": 0, "ignore_eos": True}
   try:
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
       futures = [pool.submit(httpx.post, f"{base}/v1/chat/completions", json=body, timeout=120)
                  for _ in range(3)]
-      codes = sorted(f.result().status_code for f in futures)
+      answers = [f.result() for f in futures]
+    codes = sorted(a.status_code for a in answers)
     assert codes[0] == 200 and 429 in codes, codes
+    text = next(a for a in answers if a.status_code == 200).json()["choices"][0]["message"]["content"]
+    engine = medusa_jax.load(MODEL, heads=None)
+    engine.eos_ids = jnp.asarray([-1], jnp.int32)  # ignore_eos
+    assert text == engine.generate("go", max_new_tokens=150).text
     with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")

@@ -3,10 +3,11 @@
     python infer/serve.py                                   # the embedded model + shipped heads on 127.0.0.1:8000
     python infer/serve.py --heads none --max-batch 16       # the plain model
     python infer/serve.py --heads none --lookup 4           # the plain model with prompt lookup
+    python infer/serve.py --draft-model SPEC --draft-tokens 4   # a draft model (or self:L) drafts
 
 Endpoints: GET /health (200 once compiled), GET /v1/models, POST /v1/chat/completions and
 /v1/completions (`stream`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `ignore_eos`),
-GET /metrics (Prometheus). Each chunk of decode steps runs the Medusa tree or plain decoding,
+GET /metrics (Prometheus). Each chunk of decode steps runs the drafter's tree or plain decoding,
 whichever this device's measured step times predict to be faster for the rows live then. SIGTERM
 lets in-flight requests finish (up to 30 s) before it exits.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 import argparse
 
 from medusa_jax.cli.common import (
+  add_draft_model_flag,
   add_mesh_flag,
   main_guard,
   quiet_logs,
   require_positive,
 )
+from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
 from medusa_jax.weights.specs import EMBEDDED_MODEL
 
@@ -30,7 +33,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=EMBEDDED_MODEL,
                  help="smollm2-135m-instruct, a .gguf file, a HF directory, or random:<preset>")
-  p.add_argument("--heads", default="default", help="heads directory, 'default' or 'none'")
+  p.add_argument("--heads", default=None,
+                 help="heads directory, 'default' or 'none' (default: 'default', or 'none' with --draft-model)")
   p.add_argument("--tree", default=None, help="as infer/generate.py's (default: the heads' tree.json)")
   p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE)
   p.add_argument("--host", default="127.0.0.1")
@@ -47,9 +51,15 @@ def main(argv=None):
   p.add_argument("--min-ngram", type=int, default=None,
                  help="graft the chain only on steps where the last N or more tokens occurred before "
                       "(0: every step; default as infer/generate.py)")
+  add_draft_model_flag(p)
+  p.add_argument("--draft-tokens", type=int, default=None, help="with --draft-model: tokens drafted per step")
+  p.add_argument("--draft-tree", default=None, help="with --draft-model: a tree of its top-k tokens instead")
   add_mesh_flag(p)
   args = p.parse_args(argv)
-  require_positive(args, "max_batch", "max_context", "max_queue", "chunk_steps", "port")
+  require_positive(args, "max_batch", "max_context", "max_queue", "chunk_steps", "port", "draft_tokens")
+  if args.draft_model and args.heads not in (None, "none"):
+    raise MedusaError("--draft-model drafts instead of heads: leave out --heads (or pass --heads none)")
+  heads = args.heads or ("none" if args.draft_model else "default")
   quiet_logs()
   import uvicorn
 
@@ -57,11 +67,13 @@ def main(argv=None):
   from medusa_jax.serve.api import create_app
   from medusa_jax.serve.scheduler import Scheduler
 
-  engine = medusa_jax.load(args.model, heads=None if args.heads == "none" else args.heads, tree=args.tree,
-                           dtype=args.dtype, draft_vocab=args.draft_vocab, mesh=args.mesh)
+  engine = medusa_jax.load(args.model, heads=None if heads == "none" else heads, tree=args.tree,
+                           dtype=args.dtype, draft_vocab=args.draft_vocab, mesh=args.mesh,
+                           draft_model=args.draft_model)
   scheduler = Scheduler(engine, max_batch=args.max_batch, max_context=args.max_context,
-                        chunk_steps=args.chunk_steps, max_queue=args.max_queue, lookup=args.lookup,
-                        min_ngram=args.min_ngram)
+                        chunk_steps=args.chunk_steps, max_queue=args.max_queue,
+                        mode="draft" if args.draft_model else "auto", lookup=args.lookup,
+                        min_ngram=args.min_ngram, draft_tokens=args.draft_tokens, draft_tree=args.draft_tree)
   app = create_app(scheduler, args.served_model_name or engine.name)
   uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 

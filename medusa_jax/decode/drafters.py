@@ -95,11 +95,25 @@ class Drafter(Protocol):
     """The state once `n` `[batch]` tokens were emitted: the accepted nodes `path[:, 1:n]` of the
     tree (`[batch, depth + 1]`, root first) and the bonus; rows where `keep` stay as they were."""
 
+  def empty(self, params: Any, model: Llama, rows: int, cache_len: int, cache_dtype, mesh) -> Any:
+    """The state of `rows` rows that hold nothing yet (the server's free slots)."""
+
+  def catch_up(self, params: Any, model: Llama, state: Any, history: jax.Array, lengths: jax.Array,
+               width: int) -> Any:
+    """The state after the tokens `history[:, :lengths]` `[batch, H]`, from a state at most
+    `width` tokens behind (steps decoded without the drafter: the server's plain chunks)."""
+
 
 class _Stateless:
   """The state plumbing of drafters that keep none: they define `tokens(params, model, ctx)`."""
 
   def start(self, *args) -> None:
+    return None
+
+  def empty(self, *args) -> None:
+    return None
+
+  def catch_up(self, params, model, state, *args) -> None:
     return None
 
   def propose(self, params, model: Llama, ctx: DraftContext, state, key) -> Proposal:
@@ -189,7 +203,7 @@ class GatedHybrid:
     found = lookup_continuation(ctx.history, ctx.length, 1, lookup.max_ngram, self.min_ngram)[1]
     return jnp.any(found > 0)
 
-  start, commit = _Stateless.start, _Stateless.commit
+  start, commit, empty, catch_up = _Stateless.start, _Stateless.commit, _Stateless.empty, _Stateless.catch_up
 
 
 def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngram: int = 3,
@@ -250,12 +264,22 @@ class ModelDrafter:
   def _model(self, params, model: Llama) -> Llama:
     return model if self.graphdef is None else nnx.merge(self.graphdef, params)
 
+  def empty(self, params, model: Llama, rows: int, cache_len: int, cache_dtype, mesh) -> KVCache:
+    config = self._model(params, model).config
+    config = config if self.num_layers is None else dataclasses.replace(config, num_layers=self.num_layers)
+    return KVCache.init(config, rows, cache_len, cache_dtype, mesh)
+
   def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh) -> KVCache:
-    draft = self._model(params, model)
-    config = draft.config if self.num_layers is None else dataclasses.replace(draft.config,
-                                                                                num_layers=self.num_layers)
-    cache = KVCache.init(config, tokens.shape[0], cache_len, cache_dtype, mesh)
-    return prefill(draft, tokens, prompt_lens, cache, self.num_layers)[2]
+    cache = self.empty(params, model, tokens.shape[0], cache_len, cache_dtype, mesh)
+    return prefill(self._model(params, model), tokens, prompt_lens, cache, self.num_layers)[2]
+
+  def catch_up(self, params, model: Llama, state: KVCache, history, lengths, width: int) -> KVCache:
+    # one causal forward of the `width` tokens after each row's cached ones (those past `lengths`
+    # are written but not committed)
+    positions = state.lengths[:, None] + jnp.arange(width)[None, :]
+    tokens = jnp.take_along_axis(history, jnp.minimum(positions, history.shape[1] - 1), axis=1)
+    cache = self._model(params, model).hidden_states(tokens, positions, state, num_layers=self.num_layers)[1]
+    return dataclasses.replace(cache, lengths=lengths)
 
   def propose(self, params, model: Llama, ctx: DraftContext, state: KVCache, key) -> Proposal:
     draft = self._model(params, model)

@@ -2,18 +2,22 @@
 that requests enter and leave while the others keep decoding.
 
 `insert` prefills one prompt and writes it into a free slot; `run_chunk` runs a fixed number of
-decode steps (a stateless drafter's tree: Medusa heads, with a prompt-lookup chain grafted on
-when asked, or prompt lookup alone; or plain) for the first `bucket` slots at once and returns
-what each emitted. Every row samples by its own settings (`coupled.RowSettings`: device arrays, so
-a new temperature or seed never recompiles), and a row's tokens depend on its prompt, settings and seed
-alone: not on the other rows, the bucket or the tree (`coupled.py`). The host keeps the live rows
-in the first slots (`move_row` fills a hole), so a chunk's cost follows the number of live rows.
+decode steps for the first `bucket` slots at once, over the slots' drafter's tree (Medusa heads,
+with a prompt-lookup chain grafted on when asked, prompt lookup alone, or a draft model) or plain,
+and returns what each emitted. A draft model keeps its own KV cache rows beside the slots' (the
+drafter's state, `drafters.py`): a plain chunk writes its tokens there too, in one draft forward
+at its end, so the next tree chunk drafts from the whole text. Every row samples by its own
+settings (`coupled.RowSettings`: device arrays, so a new temperature or seed never recompiles),
+and a row's tokens depend on its prompt, settings and seed alone: not on the other rows, the
+bucket or the tree (`coupled.py`). The host keeps the live rows in the first slots (`move_row`
+fills a hole), so a chunk's cost follows the number of live rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +45,20 @@ class Slots:
   done: jax.Array          # `[slots]` bool: finished, or a free slot
   history: jax.Array       # `[slots, max_len]` int32: prompt then emitted tokens, the root at
                            # `cache.lengths` (what prompt lookup reads)
+  draft: Any = None        # the drafter's state, `[slots, ...]` (a draft model's KV cache), or None
 
   @classmethod
-  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None) -> Slots:
-    """Free slots; on `mesh` the KV cache is sharded as `KVCache.init` shards it."""
+  def init(cls, config: ModelConfig, slots: int, max_len: int, dtype, mesh: Mesh | None = None,
+           draft: Any = None) -> Slots:
+    """Free slots, with the drafter's `empty` state `draft`; on `mesh` the KV cache is sharded as
+    `KVCache.init` shards it."""
     def zeros(dtype=jnp.int32):  # a buffer each: the chunk donates them all
       return jnp.zeros((slots,), dtype)
 
     return cls(KVCache.init(config, slots, max_len, dtype, mesh), zeros(),
                jnp.zeros((slots, config.hidden_size), dtype),
                RowSettings.create(zeros(jnp.float32), zeros(jnp.float32) + 1, zeros()), zeros(),
-               zeros(bool) | True, zeros(bool) | True, jnp.zeros((slots, max_len), jnp.int32))
+               zeros(bool) | True, zeros(bool) | True, jnp.zeros((slots, max_len), jnp.int32), draft)
 
   @property
   def num_slots(self) -> int:
@@ -74,37 +81,49 @@ def _row(tree, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
 
 
+def _caches(slots: Slots) -> dict[str, KVCache]:
+  return {name: getattr(slots, name) for name in ("cache", "draft") if isinstance(getattr(slots, name), KVCache)}
+
+
 def _bucket_view(slots: Slots, bucket: int, span: int | None) -> Slots:
-  """The first `bucket` rows: per-row arrays cut to them, the cache buffers left whole (a forward
-  writes and reads only their first rows, in place) with the attention `span`."""
-  rows = _first(dataclasses.replace(slots, cache=slots.cache.lengths), bucket)
-  return dataclasses.replace(rows, cache=KVCache(slots.cache.keys, slots.cache.values, rows.cache, span))
+  """The first `bucket` rows: per-row arrays cut to them, the cache buffers (the slots' and a
+  draft model's) left whole (a forward writes and reads only their first rows, in place) with
+  the attention `span`."""
+  caches = _caches(slots)
+  rows = _first(dataclasses.replace(slots, **{k: c.lengths for k, c in caches.items()}), bucket)
+  return dataclasses.replace(rows, **{k: KVCache(c.keys, c.values, getattr(rows, k), span)
+                                      for k, c in caches.items()})
 
 
 def _merge_view(slots: Slots, view: Slots) -> Slots:
   """`slots` with a `_bucket_view`'s rows (and its cache buffers) written back."""
-  rows = _put_first(dataclasses.replace(slots, cache=slots.cache.lengths),
-                    dataclasses.replace(view, cache=view.cache.lengths))
-  return dataclasses.replace(rows, cache=KVCache(view.cache.keys, view.cache.values, rows.cache))
+  caches = _caches(view)
+  rows = _put_first(dataclasses.replace(slots, **{k: getattr(slots, k).lengths for k in caches}),
+                    dataclasses.replace(view, **{k: c.lengths for k, c in caches.items()}))
+  return dataclasses.replace(rows, **{k: KVCache(c.keys, c.values, getattr(rows, k))
+                                      for k, c in caches.items()})
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def insert(state: nnx.State, slots: Slots, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
+@functools.partial(jax.jit, static_argnames=("graphdef", "drafter"), donate_argnums=(2,))
+def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
            temperature: jax.Array, top_p: jax.Array, seed: jax.Array, budget: jax.Array,
-           stop_on_eos: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef):
-  """Prefills one right-padded prompt `tokens` `[1, P]` of `prompt_len` tokens into slot `slot`,
-  with its settings (scalars) and a budget of `budget` new tokens. Returns (slots, the first new
-  token, whether the row is already done)."""
+           stop_on_eos: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef, drafter: Drafter | None = None):
+  """Prefills one right-padded prompt `tokens` `[1, P]` of `prompt_len` tokens into slot `slot`
+  (and `drafter`'s state, with its `params`), with its settings (scalars) and a budget of
+  `budget` new tokens. Returns (slots, the first new token, whether the row is already done)."""
   model = nnx.merge(graphdef, state)
-  cache = KVCache.init(model.config, 1, slots.cache.max_len, slots.cache.keys[0].dtype)
+  max_len, dtype = slots.cache.max_len, slots.cache.keys[0].dtype
+  cache = KVCache.init(model.config, 1, max_len, dtype)
   logits, hidden, cache = prefill(model, tokens, prompt_len[None], cache)
+  draft = None if slots.draft is None else _row(drafter.start(params, model, tokens, prompt_len[None], max_len,
+                                                              dtype, None), 0)
   rows = RowSettings.create(temperature[None], top_p[None], seed[None])
   first = jnp.argmax(target_logits(logits[:, None], prompt_len[None, None], rows), axis=-1)[0, 0]
   first = first.astype(jnp.int32)
   done = (jnp.isin(first, eos_ids) & stop_on_eos) | (budget <= 1)
   history = jnp.zeros((slots.history.shape[1],), jnp.int32).at[:tokens.shape[1]].set(tokens[0])
   row = Slots(_row(cache, 0), first, hidden[0], _row(rows, 0), budget - 1, stop_on_eos, done,
-              history.at[prompt_len].set(first))
+              history.at[prompt_len].set(first), draft)
   return _set_row(slots, row, slot), first, done
 
 
@@ -116,22 +135,26 @@ def _plain_step(model, cache: KVCache, root, rows: RowSettings):
   return nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0]
 
 
-def _tree_step(model, drafter, params, cache: KVCache, root, hidden, history, rows: RowSettings):
-  ctx = DraftContext(root, hidden, history, cache.lengths + 1)
-  return speculative_step(model, drafter, params, cache, ctx, None, jax.random.PRNGKey(0), None,
-                          functools.partial(target_logits, rows=rows))[:5]
+def _tree_step(model, drafter, params, s: Slots, done):
+  ctx = DraftContext(s.root, s.hidden, s.history, s.cache.lengths + 1)
+  new, n, cache, root, hidden, draft, path = speculative_step(
+      model, drafter, params, s.cache, ctx, s.draft, jax.random.PRNGKey(0), None,
+      functools.partial(target_logits, rows=s.rows))
+  return new, n, cache, root, hidden, drafter.commit(draft, path, n, done)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "drafter", "bucket", "steps", "span"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "drafter", "bucket", "steps", "span", "plain"),
+                   donate_argnums=(2,))
 def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, graphdef: nnx.GraphDef,
-              drafter: Drafter | None, bucket: int, steps: int, span: int | None = None):
-  """`steps` decode steps for the first `bucket` slots: over `drafter`'s tree (a stateless one,
-  with its `params`: heads, a grafted lookup chain, prompt lookup; `drafters.py`), or plain when
-  it is None. They attend to their first `span` positions (None: all; it must hold every row's
-  length plus what the chunk writes: `steps * (depth + 1) + size` of the tree). Returns (slots,
-  emitted tokens `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
+              drafter: Drafter | None, bucket: int, steps: int, span: int | None = None, plain: bool = False):
+  """`steps` decode steps for the first `bucket` slots: over `drafter`'s tree (with its `params`:
+  heads, a grafted lookup chain, prompt lookup, a draft model; `drafters.py`), or plain when
+  `plain` or it is None (a draft model's state then catches up at the chunk's end). They attend
+  to their first `span` positions (None: all; it must hold every row's length plus what the
+  chunk writes: `steps * (depth + 1) + size` of the tree). Returns (slots, emitted tokens
+  `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
   model = nnx.merge(graphdef, state)
-  tree = None if drafter is None else drafter.tree
+  tree = None if drafter is None or plain else drafter.tree
   live = _bucket_view(slots, bucket, span)
   width = steps * (1 if tree is None else tree.depth + 1)
   emitted = Emitted(jnp.zeros((bucket, width + (1 if tree is None else tree.depth + 1)), jnp.int32),
@@ -139,20 +162,23 @@ def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, gra
 
   def body(_, carry):
     s, out = carry
+    done = out.done
     if tree is None:
       new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
+      draft = s.draft
     else:
-      new, n, cache, root, hidden = _tree_step(model, drafter, params, s.cache, s.root, s.hidden,
-                                               s.history, s.rows)
-    done = out.done
+      new, n, cache, root, hidden, draft = _tree_step(model, drafter, params, s, done)
     cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
     keep = done[:, None]
     s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, root),
                             hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)),
-                            history=write_rows(s.history, new, s.cache.lengths + 1))
+                            history=write_rows(s.history, new, s.cache.lengths + 1), draft=draft)
     return s, out.record(new, n, eos_ids, s.budget, s.stop_on_eos)
 
   live, out = jax.lax.fori_loop(0, steps, body, (live, emitted))
+  if tree is None and live.draft is not None:
+    live = dataclasses.replace(live, draft=drafter.catch_up(params, model, live.draft, live.history,
+                                                            live.cache.lengths, steps))
   live = dataclasses.replace(live, budget=live.budget - out.count, done=out.done)
   return _merge_view(slots, live), out.tokens[:, :width], out.count
 

@@ -2,7 +2,10 @@
 slots (`decode/slots.py`), runs chunks of decode steps for all live rows, streams what each row
 produced, and retires finished rows.
 
-Adaptive speculation: each chunk runs the Medusa tree or plain decoding, whichever is predicted to
+What drafts (`mode`): Medusa heads (with the heads directory's lookup chain), prompt lookup alone,
+or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`).
+
+Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
 emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
 is measured here at start-up, and the tokens per step of the tree are the ones observed while
 serving (a running average, refreshed by an occasional tree chunk when plain decoding is chosen).
@@ -59,24 +62,34 @@ class Request:
 
 
 class Scheduler:
-  """Serves `engine` (its backbone, heads and tree) with `max_batch` slots of `max_context` tokens."""
+  """Serves `engine` with `max_batch` slots of `max_context` tokens, drafting as `mode` says:
+  "medusa" (its heads and tree, with a lookup chain of `lookup` tokens: None takes the heads
+  directory's, gated by `min_ngram` as in `GenerationConfig`), "lookup" (prompt lookup alone, a
+  chain of `lookup` tokens), "draft" (its draft model: a chain of `draft_tokens`, or the
+  `draft_tree` of its top-k tokens), "baseline" (plain only), or "auto": medusa when heads are
+  loaded, else lookup when `lookup` is given, else baseline."""
 
   def __init__(self, engine: Engine, *, max_batch: int = 8, max_context: int = 2048, chunk_steps: int = 4,
-               max_queue: int = 256, metrics: Metrics | None = None, lookup: int | None = None,
-               min_ngram: int | None = None):
+               max_queue: int = 256, metrics: Metrics | None = None, mode: str = "auto",
+               lookup: int | None = None, min_ngram: int | None = None, draft_tokens: int | None = None,
+               draft_tree: str | None = None):
     if max_batch < 1 or chunk_steps < 1:
       raise MedusaError("max_batch and chunk_steps must be at least 1")
     self.engine = engine
-    # what a tree chunk drafts with (`lookup`, `min_ngram` as in `GenerationConfig`: None takes
-    # the heads directory's chain and the default gate), as `generate` does; None: plain only
-    config = GenerationConfig().replace(lookup=lookup, **({} if min_ngram is None else {"min_ngram": min_ngram}))
-    if engine.heads_graphdef is not None:
-      self.drafter = engine.drafter("medusa", config)[0]
-    else:  # prompt lookup alone, when asked
-      self.drafter = engine.drafter("lookup", config.replace(draft_tokens=config.lookup))[0] if lookup else None
+    given = dict(min_ngram=min_ngram, draft_tokens=draft_tokens, draft_tree=draft_tree)
+    config = GenerationConfig().replace(lookup=lookup, **{k: v for k, v in given.items() if v is not None})
+    if mode == "auto":
+      mode = "medusa" if engine.heads_graphdef is not None else "lookup" if lookup else "baseline"
+    mode = engine.resolve_mode(mode)
+    if mode not in ("medusa", "lookup", "draft", "baseline"):
+      raise MedusaError(f"the server does not serve mode {mode!r}; use medusa, lookup, draft or baseline")
+    if mode == "lookup" and lookup:
+      config = config.replace(draft_tokens=lookup)
+    self.drafter, self.params = (None, None) if mode == "baseline" else engine.drafter(mode, config)
     self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
-    self.slack = 1 if self.tree is None else self.tree.size
+    # a tree chunk writes up to the tree past a row's length; a draft model's catch-up, chunk_steps
+    self.slack = 1 if self.tree is None else max(self.tree.size, chunk_steps)
     self.max_len = -(-(max_context + self.slack) // 64) * 64
     self.max_context = max_context
     self.buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
@@ -98,10 +111,14 @@ class Scheduler:
 
   def _chunk(self, slots, use_tree: bool, b: int, span: int | None = None):
     e = self.engine
-    params = (e.heads_state, e.draft) if use_tree and e.heads_graphdef is not None else None
-    return device.run_chunk(e.state, params, slots, e.eos_ids, graphdef=e.graphdef,
-                            drafter=self.drafter if use_tree else None, bucket=b, steps=self.chunk_steps,
-                            span=span)
+    return device.run_chunk(e.state, self.params, slots, e.eos_ids, graphdef=e.graphdef, drafter=self.drafter,
+                            bucket=b, steps=self.chunk_steps, span=span, plain=not use_tree)
+
+  def _empty_slots(self):
+    e = self.engine
+    draft = None if self.drafter is None else self.drafter.empty(self.params, e.model, self.max_batch, self.max_len,
+                                                                 e.dtype, e.mesh)
+    return device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh, draft)
 
   def _span(self, b: int) -> int:
     """The positions the next chunk attends to: the smallest of `spans` that holds the longest
@@ -114,7 +131,7 @@ class Scheduler:
     """Compiles every (row bucket, tree or plain, span) chunk and the prompt buckets' prefill, and
     times a chunk of each (bucket, tree or plain) with every row live at a quarter of the context."""
     e = self.engine
-    slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh)
+    slots = self._empty_slots()
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
     for p in [32 << i for i in range(16) if (32 << i) <= bucket(self.max_context)]:
       slots = self._insert(slots, 0, prompt[:p], p, budget=self.max_len)[0]
@@ -132,7 +149,7 @@ class Scheduler:
           jax.block_until_ready(tokens)
           best = min(best, time.perf_counter() - start)
         self.step_seconds[(b, use_tree)] = best / self.chunk_steps
-    self._slots = device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh)
+    self._slots = self._empty_slots()
     self.ready = True
 
   def _insert(self, slots, slot: int, ids: list[int], length: int, *, budget: int, temperature=0.0,
@@ -140,9 +157,10 @@ class Scheduler:
     e = self.engine
     tokens = np.full((1, length), e.pad_id, np.int32)
     tokens[0, : len(ids)] = ids
-    return device.insert(e.state, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
+    return device.insert(e.state, self.params, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
                          jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(seed % (1 << 32)),
-                         jnp.int32(budget), jnp.bool_(stop_on_eos), e.eos_ids, graphdef=e.graphdef)
+                         jnp.int32(budget), jnp.bool_(stop_on_eos), e.eos_ids, graphdef=e.graphdef,
+                         drafter=self.drafter)
 
   def start(self) -> None:
     if not self.ready:
