@@ -61,10 +61,11 @@ def _accuracy_run(tmp_path, num_heads: int, *flags: str) -> tuple[dict, dict]:
   --out JSON, the --save-tree JSON)."""
   write_tiny_heads(tmp_path / "heads", num_heads)
   prompts = tmp_path / "p.jsonl"
-  prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n')
+  prompts.write_text('{"turns": ["hello there"], "category": "chat"}\n'
+                     '{"turns": ["left out by --categories"], "category": "other"}\n')
   out, tree_file = tmp_path / "r.json", tmp_path / "tree.json"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
-                         str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
+                         str(prompts), "--categories", "chat", "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
                          "--heads-accuracy", "--save-tree", str(tree_file), "--out", str(out), *flags],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
@@ -74,6 +75,7 @@ def _accuracy_run(tmp_path, num_heads: int, *flags: str) -> tuple[dict, dict]:
 def test_benchmark_heads_accuracy_builds_and_saves_a_tree(tmp_path):
   r, saved = _accuracy_run(tmp_path, 3, "--max-new-tokens", "16", "--topk", "4", "--tree-nodes", "6")
   acc = r["heads_accuracy"]
+  # one prompt (`--categories chat`), 16 tokens
   assert len(acc["per_rank"]) == 3 and len(acc["per_rank"][0]) == 4 and acc["positions"] == 15
   expected = [acc["expected_tokens_per_step"][str(n)] for n in (1, 2, 4, 6, 8)]
   assert expected[0] >= 1 and expected == sorted(expected)  # a bigger best tree never predicts less

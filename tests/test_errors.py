@@ -151,7 +151,8 @@ def test_cli_number_and_path_flags(tmp_path, capsys):
   for flags, message in [(["--max-prompts", "0"], "--max-prompts must be at least 1, got 0"),
                          (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                          (["--plot", str(tmp_path / "no" / "x.png")], f"--plot {tmp_path / 'no' / 'x.png'}: no such directory"),
-                         (["--plot", str(tmp_path / "x.txt")], f"--plot {tmp_path / 'x.txt'}: write a .png, .pdf or .svg file")]:
+                         (["--plot", str(tmp_path / "x.txt")], f"--plot {tmp_path / 'x.txt'}: write a .png, .pdf or .svg file"),
+                         (["--categories", "extract", "chat"], f"{prompts} has no prompts of categories chat, extract")]:
     assert _cli_error("infer/benchmark.py", bench + flags, capsys) == [f"error: {message}"]
   out = tmp_path / "d.json"
   distill = ["--model", "random:tiny", "--prompts", str(prompts), "--out", str(out)]

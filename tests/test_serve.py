@@ -15,6 +15,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,3 +280,30 @@ def test_embedded_model_with_shipped_heads(tmp_path):
   finally:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
+
+
+def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
+  """The scheduler's choice per chunk (no device work): tokens per tree step are kept apart for
+  greedy and sampling rows, a chunk expects their mean over its live rows, and while plain wins a
+  tree chunk still runs after 32, 64, 128, 256, 256 plain chunks."""
+  from medusa_jax.serve.scheduler import Request, Scheduler
+
+  s = Scheduler(engine, max_batch=4, max_context=256)
+  s.step_seconds = {(b, t): (0.02 if t else 0.01) for b in s.buckets for t in (False, True)}  # a tree step: 2 plain
+  greedy, sampled = Request([1], 8, temperature=0.0), Request([1], 8, temperature=0.9)
+  s._live = [greedy, sampled, None, None]
+  s._observe_tree(np.asarray([4 * s.chunk_steps, s.chunk_steps]))  # greedy rows 4 tokens a step, sampled 1
+  prior = (s.tree.depth + 2) / 2
+  assert s.tree_tokens_per_step == pytest.approx({False: 0.8 * prior + 0.8, True: 0.8 * prior + 0.2})
+  s.tree_tokens_per_step = {False: 3.0, True: 1.2}
+  assert s._choose(2)  # (3.0 + 1.2) / 2 = 2.1 tokens per tree step > 2 plain steps' worth
+  s._live = [sampled, None, None, None]
+  explored = []
+  for chunk in range(800):
+    use_tree = s._choose(1)
+    s._chunks_since_tree = 0 if use_tree else s._chunks_since_tree + 1
+    if use_tree:
+      explored.append(chunk)
+  assert np.diff([-1] + explored).tolist()[:5] == [33, 65, 129, 257, 257]
+  s._live = [greedy, None, None, None]
+  assert s._choose(1) and s._explore_every == 32

@@ -81,6 +81,8 @@ def main(argv=None):
                  help="the heads guess among the N most frequent answer tokens in their "
                       "draft_vocab.json (0: the whole vocabulary)")
   p.add_argument("--max-prompts", type=int, default=None)
+  p.add_argument("--categories", nargs="+", default=None,
+                 help="only the prompts of these categories (e.g. extract rewrite summarize)")
   p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (first turns)")
   p.add_argument("--modes", nargs="+", default=["medusa"],
                  help=f"speculative variants to time against the baseline: {', '.join(VARIANTS)}, each "
@@ -118,7 +120,14 @@ def main(argv=None):
   import medusa_jax
   from medusa_jax.training.data import load_conversations
 
-  convs = load_conversations(args.prompts)[: args.max_prompts]
+  convs = load_conversations(args.prompts)
+  if args.categories:
+    missing = sorted(set(args.categories) - {c.category for c in convs})
+    if missing:
+      raise MedusaError(f"{args.prompts} has no prompts of categor{'y' if len(missing) == 1 else 'ies'} "
+                        f"{', '.join(missing)}")
+    convs = [c for c in convs if c.category in args.categories]
+  convs = convs[: args.max_prompts]
   engine = medusa_jax.load(args.model, heads=args.heads, tree=args.tree, dtype=args.dtype,
                            draft_vocab=args.draft_vocab, mesh=args.mesh,
                            draft_model=args.draft_model)

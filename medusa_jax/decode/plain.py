@@ -67,12 +67,15 @@ def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCa
   only, when given: a self-drafting model).
 
   Returns (logits `[batch, vocab]` and hidden `[batch, embed]` at each row's last prompt token,
-  the cache with `lengths == prompt_lens`).
+  the cache with `lengths == prompt_lens`). The cache must be empty: the prompts attend to their
+  own `P` positions only, not to the whole cache.
   """
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden, cache = model.hidden_states(tokens, positions, cache, num_layers=num_layers)
+  own = dataclasses.replace(cache, span=tokens.shape[1])
+  hidden, written = model.hidden_states(tokens, positions, own, num_layers=num_layers)
   last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-  return model.logits(last), last, dataclasses.replace(cache, lengths=prompt_lens.astype(jnp.int32))
+  return model.logits(last), last, dataclasses.replace(written, span=cache.span,
+                                                       lengths=prompt_lens.astype(jnp.int32))
 
 
 def decode_step(model: Llama, cache: KVCache, last: jax.Array, key: jax.Array,

@@ -8,7 +8,8 @@ or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`)
 Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
 emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
 is measured here at start-up, and the tokens per step of the tree are the ones observed while
-serving (a running average, refreshed by an occasional tree chunk when plain decoding is chosen).
+serving, for greedy and for sampling rows apart (running averages, refreshed by an occasional
+tree chunk while plain decoding wins; a chunk expects the mean over its live rows).
 Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
 """
 
@@ -26,9 +27,11 @@ import numpy as np
 
 from medusa_jax.decode import slots as device
 from medusa_jax.decode.config import GenerationConfig
-from medusa_jax.decode.engine import Engine, bucket
+from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve.metrics import Metrics
+
+EXPLORE_EVERY = 32  # plain chunks before a tree chunk refreshes the estimates (`Scheduler._choose`)
 
 
 class QueueFull(MedusaError):
@@ -93,10 +96,15 @@ class Scheduler:
     self.max_len = -(-(max_context + self.slack) // 64) * 64
     self.max_context = max_context
     self.buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
+    # prompt lengths prefill compiles for: 32, 48, 64, 96, ... (a third padding at most), up to the context
+    sizes = sorted({s << i for s in (32, 48) for i in range(16)})
+    self.prompt_buckets = [s for s in sizes if s < max_context] + [max_context]
     # attention spans (compiled once each): powers of 4 from 256, and the whole cache
     self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if s < self.max_len} | {self.max_len})
     self.step_seconds: dict[tuple[int, bool], float] = {}   # (bucket, tree?) -> seconds per step
-    self.tree_tokens_per_step = 1.0 if self.tree is None else (self.tree.depth + 2) / 2  # prior
+    # tokens per tree step, observed for greedy (False) and sampling (True) rows (a prior until then)
+    prior = 1.0 if self.tree is None else (self.tree.depth + 2) / 2
+    self.tree_tokens_per_step = {False: prior, True: prior}
     self.metrics = metrics or Metrics()
     self._queue: queue.Queue[Request] = queue.Queue()
     self._live: list[Request | None] = [None] * max_batch
@@ -105,6 +113,7 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self._slots = None
     self._chunks_since_tree = 0
+    self._explore_every = EXPLORE_EVERY
     self.ready = False
 
   # ---- start-up ---------------------------------------------------------------------------------
@@ -120,6 +129,9 @@ class Scheduler:
                                                                  e.dtype, e.mesh)
     return device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh, draft)
 
+  def _prompt_bucket(self, n: int) -> int:
+    return next(p for p in self.prompt_buckets if p >= n)
+
   def _span(self, b: int) -> int:
     """The positions the next chunk attends to: the smallest of `spans` that holds the longest
     live row plus what a chunk writes."""
@@ -133,10 +145,10 @@ class Scheduler:
     e = self.engine
     slots = self._empty_slots()
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
-    for p in [32 << i for i in range(16) if (32 << i) <= bucket(self.max_context)]:
+    for p in self.prompt_buckets:
       slots = self._insert(slots, 0, prompt[:p], p, budget=self.max_len)[0]
     for i in range(self.max_batch):
-      slots = self._insert(slots, i, prompt, bucket(len(prompt)), budget=self.max_len)[0]
+      slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)), budget=self.max_len)[0]
     for b in self.buckets:
       for use_tree in ([False, True] if self.tree is not None else [False]):
         for span in self.spans:  # compile every span; time the whole cache's
@@ -244,21 +256,34 @@ class Scheduler:
           self._free(i)
 
   def _observe_tree(self, counts: np.ndarray) -> None:
-    """Updates the tokens per tree step from a tree chunk (rows that were live and ran)."""
-    ran = [int(c) for i, c in enumerate(counts) if self._live[i] is not None and c > 0]
-    if ran:
-      rate = sum(ran) / (len(ran) * self.chunk_steps)
-      self.tree_tokens_per_step = 0.8 * self.tree_tokens_per_step + 0.2 * rate
-      self.metrics.accepted_tokens_per_step.set(self.tree_tokens_per_step)
+    """Updates the tokens per tree step of greedy and of sampling rows from a tree chunk (rows
+    that were live and ran)."""
+    for sampled in (False, True):
+      ran = [int(c) for r, c in zip(self._live, counts) if r is not None and c > 0 and (r.temperature > 0) == sampled]
+      if ran:
+        rate = sum(ran) / (len(ran) * self.chunk_steps)
+        self.tree_tokens_per_step[sampled] = 0.8 * self.tree_tokens_per_step[sampled] + 0.2 * rate
+    self.metrics.accepted_tokens_per_step.set(self._expected_tokens(len(self._live)))
+
+  def _expected_tokens(self, b: int) -> float:
+    """Tokens per tree step expected from the live rows among the first `b` slots."""
+    live = [r for r in self._live[:b] if r is not None]
+    return sum(self.tree_tokens_per_step[r.temperature > 0] for r in live) / max(1, len(live))
 
   def _choose(self, b: int) -> bool:
-    """Whether this chunk runs the tree: the predicted tokens/s of each, with a tree chunk every
-    32 chunks to keep the tokens-per-step estimate fresh."""
+    """Whether this chunk runs the tree: the predicted tokens/s of each for the live rows. While
+    plain wins, a tree chunk still runs now and then to refresh the estimates: after 32 plain
+    chunks, then twice as many each time up to 256, and after 32 again once the tree wins."""
     if self.tree is None:
       return False
-    tree_rate = self.tree_tokens_per_step / self.step_seconds[(b, True)]
-    plain_rate = 1.0 / self.step_seconds[(b, False)]
-    return tree_rate >= plain_rate or self._chunks_since_tree >= 32
+    tree_rate = self._expected_tokens(b) / self.step_seconds[(b, True)]
+    if tree_rate >= 1.0 / self.step_seconds[(b, False)]:
+      self._explore_every = EXPLORE_EVERY
+      return True
+    if self._chunks_since_tree >= self._explore_every:
+      self._explore_every = min(2 * self._explore_every, 8 * EXPLORE_EVERY)
+      return True
+    return False
 
   def _admit(self) -> None:
     while not self._queue.empty():
@@ -270,7 +295,7 @@ class Scheduler:
         self._finish(r, "cancelled")
         continue
       self._slots, first, done = self._insert(
-          self._slots, free, r.prompt_ids, bucket(len(r.prompt_ids)), budget=r.max_tokens,
+          self._slots, free, r.prompt_ids, self._prompt_bucket(len(r.prompt_ids)), budget=r.max_tokens,
           temperature=r.temperature, top_p=r.top_p, seed=r.seed, stop_on_eos=not r.ignore_eos)
       self._live[free] = r
       first, done = jax.device_get((first, done))
