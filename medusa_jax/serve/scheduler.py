@@ -8,8 +8,9 @@ or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`)
 Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
 emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
 is measured here at start-up, and the tokens per step of the tree are the ones observed while
-serving, for greedy and for sampling rows apart (running averages, refreshed by an occasional
-tree chunk while plain decoding wins; a chunk expects the mean over its live rows).
+serving, for greedy and for sampling rows apart
+(running averages, refreshed by an occasional tree chunk while plain decoding wins; a chunk
+expects the mean over its live rows).
 Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
 """
 
@@ -132,12 +133,13 @@ class Scheduler:
   def _prompt_bucket(self, n: int) -> int:
     return next(p for p in self.prompt_buckets if p >= n)
 
-  def _span(self, b: int) -> int:
+  def _span(self, b: int, use_tree: bool) -> int:
     """The positions the next chunk attends to: the smallest of `spans` that holds the longest
-    live row plus what a chunk writes."""
+    live row plus what the chunk writes (a tree chunk: each step's tree; a plain one: a token a
+    step, and as many for a draft model's catch-up)."""
     longest = max(len(r.prompt_ids) + len(r.token_ids) for r in self._live[:b] if r is not None)
-    need = longest + self.chunk_steps * (1 if self.tree is None else self.tree.depth + 1) + self.slack
-    return next(s for s in self.spans if s >= need)
+    writes = self.chunk_steps * (self.tree.depth + 1) + self.tree.size if use_tree else self.chunk_steps + 1
+    return next(s for s in self.spans if s >= longest + writes)
 
   def warm_up(self) -> None:
     """Compiles every (row bucket, tree or plain, span) chunk and the prompt buckets' prefill, and
@@ -155,7 +157,7 @@ class Scheduler:
           slots, tokens, _ = self._chunk(slots, use_tree, b, span)
           jax.block_until_ready(tokens)
         best = float("inf")
-        for _ in range(2):
+        for _ in range(3):
           start = time.perf_counter()
           slots, tokens, _ = self._chunk(slots, use_tree, b, self.max_len)
           jax.block_until_ready(tokens)
@@ -238,7 +240,7 @@ class Scheduler:
         continue
       b = next(b for b in self.buckets if b >= live)
       use_tree = self._choose(b)
-      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, self._span(b))
+      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, self._span(b, use_tree))
       tokens, counts, done = jax.device_get((tokens, counts, self._slots.done[:b]))
       now = time.perf_counter()
       self.metrics.chunks.labels("tree" if use_tree else "plain").inc()
