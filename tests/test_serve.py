@@ -266,7 +266,7 @@ def test_embedded_model_with_shipped_heads(tmp_path):
 
   import medusa_jax
 
-  proc, base = _start(tmp_path, "--max-batch", "2", "--max-context", "512")
+  proc, base = _start(tmp_path, "--max-batch", "2", "--max-context", "256")
   try:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     engine = medusa_jax.load()
