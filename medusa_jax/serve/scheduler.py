@@ -8,9 +8,8 @@ or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`)
 Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
 emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
 is measured here at start-up, and the tokens per step of the tree are the ones observed while
-serving, for greedy and for sampling rows apart
-(running averages, refreshed by an occasional tree chunk while plain decoding wins; a chunk
-expects the mean over its live rows).
+serving, for greedy and for sampling rows apart (running averages, refreshed by an occasional
+tree chunk while plain decoding wins; a chunk expects the mean over its live rows).
 Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
 """
 
