@@ -168,7 +168,7 @@ def test_metrics_parse_and_count(server, client):
   names = {f.name for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
   assert {"medusa_requests", "medusa_completion_tokens", "medusa_active_rows", "medusa_queue_depth",
           "medusa_time_to_first_token_seconds", "medusa_inter_token_latency_seconds",
-          "medusa_accepted_tokens_per_step"} <= names
+          "medusa_accepted_tokens_per_step", "medusa_step_seconds"} <= names
   assert _metric(server, "medusa_completion_tokens_total") >= 8
 
 
@@ -284,26 +284,34 @@ def test_embedded_model_with_shipped_heads(tmp_path):
 
 def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
   """The scheduler's choice per chunk (no device work): tokens per tree step are kept apart for
-  greedy and sampling rows, a chunk expects their mean over its live rows, and while plain wins a
-  tree chunk still runs after 32, 64, 128, 256, 256 plain chunks."""
+  greedy and sampling rows, a chunk expects their mean over its live rows, the losing choice still
+  runs after 32, 64, 128, 256, 256 chunks of the winner, and step times follow the chunks' own
+  (a pause counting as twice the average at most)."""
   from medusa_jax.serve.scheduler import Request, Scheduler
 
   s = Scheduler(engine, max_batch=4, max_context=256)
-  s.step_seconds = {(b, t): (0.02 if t else 0.01) for b in s.buckets for t in (False, True)}  # a tree step: 2 plain
+  s.step_seconds = {(b, t, span): (0.02 if t else 0.01) for b in s.buckets for t in (False, True)
+                    for span in s.spans}  # a tree step: 2 plain
   greedy, sampled = Request([1], 8, temperature=0.0), Request([1], 8, temperature=0.9)
   s._live = [greedy, sampled, None, None]
   s._observe_tree(np.asarray([4 * s.chunk_steps, s.chunk_steps]))  # greedy rows 4 tokens a step, sampled 1
   prior = (s.tree.depth + 2) / 2
   assert s.tree_tokens_per_step == pytest.approx({False: 0.8 * prior + 0.8, True: 0.8 * prior + 0.2})
   s.tree_tokens_per_step = {False: 3.0, True: 1.2}
-  assert s._choose(2)  # (3.0 + 1.2) / 2 = 2.1 tokens per tree step > 2 plain steps' worth
+  assert s._choose(2) == (True, s._span(2, True))  # (3.0 + 1.2) / 2 = 2.1 tokens per tree step > 2 plain steps' worth
+
+  def losers(rows, chunks=800):
+    s._live = rows + [None] * (4 - len(rows))
+    picks = [s._choose(1)[0] for _ in range(chunks)]
+    return np.diff([-1] + [i for i, p in enumerate(picks) if p != picks[0]]).tolist()[:5]
+
+  assert losers([sampled]) == [33, 65, 129, 257, 257]  # plain wins; a tree chunk now and then
+  assert losers([greedy]) == [33, 65, 129, 257, 257]  # the tree wins; a plain chunk now and then
+  span = s._span(1, False)
+  s._observe_time((1, False, span), 1.0)  # a pause: counts as twice the average
+  assert s.step_seconds[(1, False, span)] == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
   s._live = [sampled, None, None, None]
-  explored = []
-  for chunk in range(800):
-    use_tree = s._choose(1)
-    s._chunks_since_tree = 0 if use_tree else s._chunks_since_tree + 1
-    if use_tree:
-      explored.append(chunk)
-  assert np.diff([-1] + explored).tolist()[:5] == [33, 65, 129, 257, 257]
-  s._live = [greedy, None, None, None]
-  assert s._choose(1) and s._explore_every == 32
+  assert not s._choose(1)[0]
+  for _ in range(20):  # plain chunks turn out slow (say the host is busy): the sampled row now drafts
+    s._observe_time((1, False, span), 0.03)
+  assert s._choose(1)[0] and s._explore_every == 32

@@ -24,6 +24,10 @@ class Metrics:
     self.accepted_tokens_per_step = Gauge(
         "medusa_accepted_tokens_per_step", "Tokens per tree step, running average over served rows",
         registry=r)
+    self.step_seconds = Gauge(
+        "medusa_step_seconds", "Seconds per decode step: measured at start-up, then a running average "
+        "of served chunks, by row bucket, mode (tree or plain) and attention span", ["rows", "mode", "span"],
+        registry=r)
     self.active_rows = Gauge("medusa_active_rows", "Rows decoding now", registry=r)
     self.queue_depth = Gauge("medusa_queue_depth", "Requests waiting for a slot", registry=r)
     self.ttft = Histogram("medusa_time_to_first_token_seconds", "Arrival to first token",

@@ -6,10 +6,11 @@ What drafts (`mode`): Medusa heads (with the heads directory's lookup chain), pr
 or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`).
 
 Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
-emit more tokens per second for the number of live rows: the step time of each (tree, row bucket)
-is measured here at start-up, and the tokens per step of the tree are the ones observed while
-serving, for greedy and for sampling rows apart (running averages, refreshed by an occasional
-tree chunk while plain decoding wins; a chunk expects the mean over its live rows).
+emit more tokens per second for the live rows. The step time of each (row bucket, tree or plain,
+attention span) is measured at start-up, then kept as a running average of the chunks' own times
+while serving. The tokens per tree step are the ones observed while serving, for greedy and for
+sampling rows apart; a chunk expects the mean over its live rows. The losing choice still runs
+now and then, to refresh its estimates.
 Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
 """
 
@@ -31,7 +32,7 @@ from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve.metrics import Metrics
 
-EXPLORE_EVERY = 32  # plain chunks before a tree chunk refreshes the estimates (`Scheduler._choose`)
+EXPLORE_EVERY = 32  # chunks of the winner before the losing choice refreshes its estimates (`Scheduler._choose`)
 
 
 class QueueFull(MedusaError):
@@ -101,7 +102,7 @@ class Scheduler:
     self.prompt_buckets = [s for s in sizes if s < max_context] + [max_context]
     # attention spans (compiled once each): powers of 4 from 256, and the whole cache
     self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if s < self.max_len} | {self.max_len})
-    self.step_seconds: dict[tuple[int, bool], float] = {}   # (bucket, tree?) -> seconds per step
+    self.step_seconds: dict[tuple[int, bool, int], float] = {}  # (bucket, tree?, span) -> seconds per step
     # tokens per tree step, observed for greedy (False) and sampling (True) rows (a prior until then)
     prior = 1.0 if self.tree is None else (self.tree.depth + 2) / 2
     self.tree_tokens_per_step = {False: prior, True: prior}
@@ -112,7 +113,8 @@ class Scheduler:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._slots = None
-    self._chunks_since_tree = 0
+    self._winner = True             # the choice the estimates favour (tree or plain)
+    self._since_explored = 0        # chunks of the winner since the loser last ran
     self._explore_every = EXPLORE_EVERY
     self.ready = False
 
@@ -141,27 +143,30 @@ class Scheduler:
     return next(s for s in self.spans if s >= longest + writes)
 
   def warm_up(self) -> None:
-    """Compiles every (row bucket, tree or plain, span) chunk and the prompt buckets' prefill, and
-    times a chunk of each (bucket, tree or plain) with every row live at a quarter of the context."""
+    """Compiles every (row bucket, tree or plain, span) chunk, the prompt buckets' prefill and the
+    row moves, and times each chunk (best of 3) with every row at a quarter of the context (done
+    at once, so the rows stay there: a chunk's cost depends on its span, not on what it emits)."""
     e = self.engine
     slots = self._empty_slots()
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
     for p in self.prompt_buckets:
-      slots = self._insert(slots, 0, prompt[:p], p, budget=self.max_len)[0]
+      slots = self._insert(slots, 0, prompt[:p], p, budget=1)[0]
     for i in range(self.max_batch):
-      slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)), budget=self.max_len)[0]
+      slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)), budget=1)[0]
     for b in self.buckets:
       for use_tree in ([False, True] if self.tree is not None else [False]):
-        for span in self.spans:  # compile every span; time the whole cache's
-          slots, tokens, _ = self._chunk(slots, use_tree, b, span)
+        for span in self.spans:
+          slots, tokens, _ = self._chunk(slots, use_tree, b, span)  # compiles
           jax.block_until_ready(tokens)
-        best = float("inf")
-        for _ in range(3):
-          start = time.perf_counter()
-          slots, tokens, _ = self._chunk(slots, use_tree, b, self.max_len)
-          jax.block_until_ready(tokens)
-          best = min(best, time.perf_counter() - start)
-        self.step_seconds[(b, use_tree)] = best / self.chunk_steps
+          best = float("inf")
+          for _ in range(3):
+            start = time.perf_counter()
+            slots, tokens, _ = self._chunk(slots, use_tree, b, span)
+            jax.block_until_ready(tokens)
+            best = min(best, time.perf_counter() - start)
+          self._set_step_seconds((b, use_tree, span), best / self.chunk_steps)
+    jax.block_until_ready(device.free_row(device.move_row(slots, jnp.int32(1 % self.max_batch), jnp.int32(0)),
+                                          jnp.int32(0)))
     self._slots = self._empty_slots()
     self.ready = True
 
@@ -238,12 +243,14 @@ class Scheduler:
         self._wake.clear()
         continue
       b = next(b for b in self.buckets if b >= live)
-      use_tree = self._choose(b)
-      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, self._span(b, use_tree))
+      use_tree, span = self._choose(b)
+      jax.block_until_ready(self._slots)  # the chunk's time is its own, not the row moves' before it
+      start = time.perf_counter()
+      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, span)
       tokens, counts, done = jax.device_get((tokens, counts, self._slots.done[:b]))
       now = time.perf_counter()
+      self._observe_time((b, use_tree, span), (now - start) / self.chunk_steps)
       self.metrics.chunks.labels("tree" if use_tree else "plain").inc()
-      self._chunks_since_tree = 0 if use_tree else self._chunks_since_tree + 1
       if use_tree:
         self._observe_tree(counts)
       for i in range(b):
@@ -271,20 +278,34 @@ class Scheduler:
     live = [r for r in self._live[:b] if r is not None]
     return sum(self.tree_tokens_per_step[r.temperature > 0] for r in live) / max(1, len(live))
 
-  def _choose(self, b: int) -> bool:
-    """Whether this chunk runs the tree: the predicted tokens/s of each for the live rows. While
-    plain wins, a tree chunk still runs now and then to refresh the estimates: after 32 plain
-    chunks, then twice as many each time up to 256, and after 32 again once the tree wins."""
+  def _observe_time(self, key: tuple[int, bool, int], seconds: float) -> None:
+    """Folds a chunk's seconds per step into the running average of its (bucket, tree?, span); a
+    time over twice the average (a pause on the host) counts as twice."""
+    old = self.step_seconds[key]
+    self._set_step_seconds(key, 0.8 * old + 0.2 * min(seconds, 2 * old))
+
+  def _set_step_seconds(self, key: tuple[int, bool, int], seconds: float) -> None:
+    b, use_tree, span = key
+    self.step_seconds[key] = seconds
+    self.metrics.step_seconds.labels(str(b), "tree" if use_tree else "plain", str(span)).set(seconds)
+
+  def _choose(self, b: int) -> tuple[bool, int]:
+    """Whether the next chunk of `b` rows runs the tree, and its span: the predicted tokens/s of
+    each. The losing choice still runs now and then to refresh its estimates: after 32 chunks of
+    the winner, then twice as many each time up to 256, and after 32 again once the winner
+    changes."""
     if self.tree is None:
-      return False
-    tree_rate = self._expected_tokens(b) / self.step_seconds[(b, True)]
-    if tree_rate >= 1.0 / self.step_seconds[(b, False)]:
-      self._explore_every = EXPLORE_EVERY
-      return True
-    if self._chunks_since_tree >= self._explore_every:
-      self._explore_every = min(2 * self._explore_every, 8 * EXPLORE_EVERY)
-      return True
-    return False
+      return False, self._span(b, False)
+    spans = {t: self._span(b, t) for t in (False, True)}
+    tree_rate = self._expected_tokens(b) / self.step_seconds[(b, True, spans[True])]
+    winner = tree_rate >= 1.0 / self.step_seconds[(b, False, spans[False])]
+    if winner != self._winner:
+      self._winner, self._since_explored, self._explore_every = winner, 0, EXPLORE_EVERY
+    if self._since_explored >= self._explore_every:
+      self._since_explored, self._explore_every = 0, min(2 * self._explore_every, 8 * EXPLORE_EVERY)
+      return not winner, spans[not winner]
+    self._since_explored += 1
+    return winner, spans[winner]
 
   def _admit(self) -> None:
     while not self._queue.empty():
