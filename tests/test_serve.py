@@ -289,7 +289,7 @@ def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
   (a pause counting as twice the average at most)."""
   from medusa_jax.serve.scheduler import Request, Scheduler
 
-  s = Scheduler(engine, max_batch=4, max_context=256)
+  s = Scheduler(engine, max_batch=4, max_context=1024)
   s.step_seconds = {(b, t, span): (0.02 if t else 0.01) for b in s.buckets for t in (False, True)
                     for span in s.spans}  # a tree step: 2 plain
   greedy, sampled = Request([1], 8, temperature=0.0), Request([1], 8, temperature=0.9)
@@ -308,10 +308,15 @@ def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
   assert losers([sampled]) == [33, 65, 129, 257, 257]  # plain wins; a tree chunk now and then
   assert losers([greedy]) == [33, 65, 129, 257, 257]  # the tree wins; a plain chunk now and then
   span = s._span(1, False)
+  assert span == s.spans[0] and len(s.spans) > 1
+  s.step_seconds[(1, False, s.spans[1])] = 0.005  # the longer span measured faster: chunks take it
+  assert s._span(1, False) == s.spans[1]
+  s.step_seconds[(1, False, s.spans[1])] = 0.01
   s._observe_time((1, False, span), 1.0)  # a pause: counts as twice the average
   assert s.step_seconds[(1, False, span)] == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
   s._live = [sampled, None, None, None]
   assert not s._choose(1)[0]
   for _ in range(20):  # plain chunks turn out slow (say the host is busy): the sampled row now drafts
-    s._observe_time((1, False, span), 0.03)
+    for longer in s.spans:
+      s._observe_time((1, False, longer), 0.03)
   assert s._choose(1)[0] and s._explore_every == 32

@@ -100,8 +100,9 @@ class Scheduler:
     # prompt lengths prefill compiles for: 32, 48, 64, 96, ... (a third padding at most), up to the context
     sizes = sorted({s << i for s in (32, 48) for i in range(16)})
     self.prompt_buckets = [s for s in sizes if s < max_context] + [max_context]
-    # attention spans (compiled once each): powers of 4 from 256, and the whole cache
-    self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if s < self.max_len} | {self.max_len})
+    # attention spans (compiled once each): powers of 4 from 256 up to half the cache, and the whole
+    # cache (a span near the whole cache saves little attention and costs a copy of the cache's rows)
+    self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if 2 * s <= self.max_len} | {self.max_len})
     self.step_seconds: dict[tuple[int, bool, int], float] = {}  # (bucket, tree?, span) -> seconds per step
     # tokens per tree step, observed for greedy (False) and sampling (True) rows (a prior until then)
     prior = 1.0 if self.tree is None else (self.tree.depth + 2) / 2
@@ -135,12 +136,14 @@ class Scheduler:
     return next(p for p in self.prompt_buckets if p >= n)
 
   def _span(self, b: int, use_tree: bool) -> int:
-    """The positions the next chunk attends to: the smallest of `spans` that holds the longest
-    live row plus what the chunk writes (a tree chunk: each step's tree; a plain one: a token a
-    step, and as many for a draft model's catch-up)."""
+    """The positions the next chunk attends to: of the `spans` that hold the longest live row plus
+    what the chunk writes (a tree chunk: each step's tree; a plain one: a token a step, and as many
+    for a draft model's catch-up), the one with the shortest step time (the smallest before any
+    is measured)."""
     longest = max(len(r.prompt_ids) + len(r.token_ids) for r in self._live[:b] if r is not None)
     writes = self.chunk_steps * (self.tree.depth + 1) + self.tree.size if use_tree else self.chunk_steps + 1
-    return next(s for s in self.spans if s >= longest + writes)
+    fits = [s for s in self.spans if s >= longest + writes]
+    return min(fits, key=lambda s: (self.step_seconds.get((b, use_tree, s), 0.0), s))
 
   def warm_up(self) -> None:
     """Compiles every (row bucket, tree or plain, span) chunk, the prompt buckets' prefill and the
