@@ -285,8 +285,9 @@ def test_embedded_model_with_shipped_heads(tmp_path):
 def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
   """The scheduler's choice per chunk (no device work): tokens per tree step are kept apart for
   greedy and sampling rows, a chunk expects their mean over its live rows, the losing choice still
-  runs after 32, 64, 128, 256, 256 chunks of the winner, and step times follow the chunks' own
-  (a pause counting as twice the average at most)."""
+  runs after 32, 64, 128, 256, 256 chunks of the winner (per row bucket), a chunk takes the span
+  measured fastest, and step times follow the chunks' own (a pause counting as twice the average
+  at most)."""
   from medusa_jax.serve.scheduler import Request, Scheduler
 
   s = Scheduler(engine, max_batch=4, max_context=1024)
@@ -307,6 +308,9 @@ def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
 
   assert losers([sampled]) == [33, 65, 129, 257, 257]  # plain wins; a tree chunk now and then
   assert losers([greedy]) == [33, 65, 129, 257, 257]  # the tree wins; a plain chunk now and then
+  s._live = [sampled, sampled, None, None]
+  assert not s._choose(2)[0]  # plain wins for two sampling rows: bucket 2's winner changes...
+  assert s._exploration[1].every == 256  # ...and bucket 1 keeps its count
   span = s._span(1, False)
   assert span == s.spans[0] and len(s.spans) > 1
   s.step_seconds[(1, False, s.spans[1])] = 0.005  # the longer span measured faster: chunks take it
@@ -319,4 +323,4 @@ def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
   for _ in range(20):  # plain chunks turn out slow (say the host is busy): the sampled row now drafts
     for longer in s.spans:
       s._observe_time((1, False, longer), 0.03)
-  assert s._choose(1)[0] and s._explore_every == 32
+  assert s._choose(1)[0] and s._exploration[1].every == 32

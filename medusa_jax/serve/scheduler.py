@@ -65,6 +65,14 @@ class Request:
     self.cancelled.set()
 
 
+@dataclasses.dataclass
+class _Exploration:
+  """Per row bucket: the choice the estimates favour, and when the other one runs next."""
+  winner: bool = True          # tree (True) or plain
+  since: int = 0               # chunks of the winner since the loser last ran
+  every: int = EXPLORE_EVERY   # chunks of the winner before the loser runs again
+
+
 class Scheduler:
   """Serves `engine` with `max_batch` slots of `max_context` tokens, drafting as `mode` says:
   "medusa" (its heads and tree, with a lookup chain of `lookup` tokens: None takes the heads
@@ -114,9 +122,7 @@ class Scheduler:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._slots = None
-    self._winner = True             # the choice the estimates favour (tree or plain)
-    self._since_explored = 0        # chunks of the winner since the loser last ran
-    self._explore_every = EXPLORE_EVERY
+    self._exploration = {b: _Exploration() for b in self.buckets}
     self.ready = False
 
   # ---- start-up ---------------------------------------------------------------------------------
@@ -295,19 +301,20 @@ class Scheduler:
   def _choose(self, b: int) -> tuple[bool, int]:
     """Whether the next chunk of `b` rows runs the tree, and its span: the predicted tokens/s of
     each. The losing choice still runs now and then to refresh its estimates: after 32 chunks of
-    the winner, then twice as many each time up to 256, and after 32 again once the winner
-    changes."""
+    the winner (counted per row bucket), then twice as many each time up to 256, and after 32
+    again once the winner changes."""
     if self.tree is None:
       return False, self._span(b, False)
     spans = {t: self._span(b, t) for t in (False, True)}
     tree_rate = self._expected_tokens(b) / self.step_seconds[(b, True, spans[True])]
     winner = tree_rate >= 1.0 / self.step_seconds[(b, False, spans[False])]
-    if winner != self._winner:
-      self._winner, self._since_explored, self._explore_every = winner, 0, EXPLORE_EVERY
-    if self._since_explored >= self._explore_every:
-      self._since_explored, self._explore_every = 0, min(2 * self._explore_every, 8 * EXPLORE_EVERY)
+    e = self._exploration[b]
+    if winner != e.winner:
+      e.winner, e.since, e.every = winner, 0, EXPLORE_EVERY
+    if e.since >= e.every:
+      e.since, e.every = 0, min(2 * e.every, 8 * EXPLORE_EVERY)
       return not winner, spans[not winner]
-    self._since_explored += 1
+    e.since += 1
     return winner, spans[winner]
 
   def _admit(self) -> None:
