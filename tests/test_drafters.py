@@ -7,11 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medusa_jax.decode.drafters import HeadsDrafter, HybridDrafter, LookupDrafter
+from medusa_jax.decode.drafters import (
+  GatedHybrid,
+  HeadsDrafter,
+  HybridDrafter,
+  LookupDrafter,
+  ModelDrafter,
+  cheaper_drafters,
+)
 from medusa_jax.decode.engine import Engine
 from medusa_jax.decode.lookup import lookup_continuation
 from medusa_jax.errors import MedusaError
-from medusa_jax.medusa.tree import Tree
+from medusa_jax.medusa.tree import MC_SIM_7B_63, Tree
 from medusa_jax.model.config import preset
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
@@ -281,14 +288,33 @@ def test_heads_directory_names_its_lookup_chain(tmp_path):
     medusa_jax.load("random:tiny", heads=str(heads_dir))
 
 
-def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, **settings):
+def test_cheaper_drafters_verify_fewer_tokens():
+  """The server's cheaper choices, worked by hand: under heads with a grafted chain (always or
+  gated), the heads' tree alone, and before it their top guess (a root and one node) when the tree
+  has 16 nodes or more; none under a small tree alone, prompt lookup or a draft model."""
+  graphdef = object()
+  top = HeadsDrafter(graphdef, Tree([[0]]))
+  small, large = HeadsDrafter(graphdef, Tree([[0], [0, 0], [1]])), HeadsDrafter(graphdef, Tree(MC_SIM_7B_63))
+  for heads, want in [(small, (small,)), (large, (top, large))]:
+    hybrid = HybridDrafter(heads, LookupDrafter(3))
+    assert cheaper_drafters(hybrid) == cheaper_drafters(GatedHybrid(hybrid, 2)) == want
+  assert [d.tree.size for d in (top, small, large)] == [2, 4, 64]
+  assert cheaper_drafters(large) == (top,)
+  assert cheaper_drafters(small) == cheaper_drafters(top) == ()
+  assert cheaper_drafters(LookupDrafter(4)) == cheaper_drafters(ModelDrafter(None, 4, 1)) == ()
+
+
+def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, cheaper=False, **settings):
   """Greedy rows decoded by the server's slots (`decode/slots.py`; one slot more than rows), 2 steps
-  a chunk over `mode`'s drafter; with `plain_every` n, every n-th chunk plain. Returns (each row's
-  tokens, chunks run, each drafted chunk's (counts, budgets left before it) per row)."""
+  a chunk over `mode`'s drafter; with `plain_every` n, every n-th chunk plain; with `cheaper`, the
+  chunks take turns over plain, the drafter's `cheaper_drafters` and the drafter (the server's
+  choices). Returns (each row's tokens, chunks run, each drafted chunk's (counts, budgets left
+  before it) per row)."""
   from medusa_jax.decode import slots as device
   from medusa_jax.decode.config import GenerationConfig
 
   drafter, params = engine.drafter(mode, GenerationConfig(**settings))
+  turns = (None, *cheaper_drafters(drafter), drafter) if cheaper else (drafter,)
   rows = len(prompts)
   draft = drafter.empty(params, engine.model, rows + 1, 256, engine.dtype, None)
   slots = device.Slots.init(engine.config, rows + 1, 256, engine.dtype, draft=draft)
@@ -303,10 +329,11 @@ def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, **set
     out[i] = [int(first)]
   chunks, drafted = 0, []
   while not bool(np.asarray(slots.done[:rows]).all()):
-    plain = bool(plain_every) and chunks % plain_every == plain_every - 1
+    turn = turns[chunks % len(turns)]
+    plain = turn is None or bool(plain_every) and chunks % plain_every == plain_every - 1
     left = np.asarray(slots.budget[:rows])
     slots, tokens, counts = device.run_chunk(engine.state, params, slots, engine.eos_ids, graphdef=engine.graphdef,
-                                             drafter=drafter, bucket=rows, steps=2, plain=plain)
+                                             drafter=turn or drafter, bucket=rows, steps=2, plain=plain)
     for i in range(rows):
       out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
     if not plain:
@@ -319,7 +346,8 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   """The server's slots (`decode/slots.py`) keep each row's tokens, so a chunk drafts with prompt
   lookup too, grafted onto the heads' tree (always or gated) or alone: two greedy rows decoded in
   chunks give the baseline's tokens, and the chain is accepted on repetitive text (fewer chunks
-  than the heads alone)."""
+  than the heads alone). Chunks taking turns over the server's cheaper choices (the heads' top
+  guess alone, the heads' tree without the chain) stay lossless too."""
   prompts = _prompts([20, 34])
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
 
@@ -334,6 +362,12 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   assert decode("medusa", lookup=4, min_ngram=2) < heads
   assert decode("lookup", draft_tokens=4) < heads
   assert decode("medusa", lookup=4, plain_every=2) < heads
+  decode("medusa", lookup=4, min_ngram=2, cheaper=True)
+  tree, tiny.tree = tiny.tree, Tree(MC_SIM_7B_63)  # 63 nodes: the heads' top guess joins the turns
+  try:
+    decode("medusa", lookup=4, min_ngram=2, cheaper=True)
+  finally:
+    tiny.tree = tree
 
 
 @pytest.mark.parametrize("draft,tree", [("other", None), ("same", None), ("same", DRAFT_TREE), ("other", DRAFT_TREE)])

@@ -282,45 +282,55 @@ def test_embedded_model_with_shipped_heads(tmp_path):
     proc.wait(timeout=60)
 
 
-def test_tree_or_plain_choice_follows_greedy_and_sampling_rows(engine):
-  """The scheduler's choice per chunk (no device work): tokens per tree step are kept apart for
-  greedy and sampling rows, a chunk expects their mean over its live rows, the losing choice still
-  runs after 32, 64, 128, 256, 256 chunks of the winner (per row bucket), a chunk takes the span
-  measured fastest, and step times follow the chunks' own (a pause counting as twice the average
-  at most)."""
+def test_chunk_choice_follows_greedy_and_sampling_rows(engine):
+  """The scheduler's choice per chunk (no device work): plain, the heads' top guess, their tree,
+  or their tree with the lookup chain. Tokens per step are kept per choice and apart for greedy
+  and sampling rows, a chunk expects their mean over its live rows and takes the most tokens per
+  second; the losing choices still run, in turn, after 32, 64, 128, 256, 256 chunks of the winner
+  (per row bucket); a chunk takes the span measured fastest, and step times follow the chunks' own
+  (a pause counting as twice the average at most)."""
   from medusa_jax.serve.scheduler import Request, Scheduler
 
   s = Scheduler(engine, max_batch=4, max_context=1024)
-  s.step_seconds = {(b, t, span): (0.02 if t else 0.01) for b in s.buckets for t in (False, True)
-                    for span in s.spans}  # a tree step: 2 plain
+  assert s.names == ("plain", "tree2", "tree64", "tree67")  # MC_SIM_7B_63's 63 nodes and a 3-token chain
+  cost = (0.010, 0.012, 0.020, 0.021)
+  s.step_seconds = {(b, c, span): cost[c] for b in s.buckets for c in range(4) for span in s.spans}
   greedy, sampled = Request([1], 8, temperature=0.0), Request([1], 8, temperature=0.9)
   s._live = [greedy, sampled, None, None]
-  s._observe_tree(np.asarray([4 * s.chunk_steps, s.chunk_steps]))  # greedy rows 4 tokens a step, sampled 1
-  prior = (s.tree.depth + 2) / 2
-  assert s.tree_tokens_per_step == pytest.approx({False: 0.8 * prior + 0.8, True: 0.8 * prior + 0.2})
-  s.tree_tokens_per_step = {False: 3.0, True: 1.2}
-  assert s._choose(2) == (True, s._span(2, True))  # (3.0 + 1.2) / 2 = 2.1 tokens per tree step > 2 plain steps' worth
+  assert s.tokens_per_step[3, False] == s.tokens_per_step[3, True] == (s.tree.depth + 2) / 2  # a prior
+  s._observe_tokens(3, np.asarray([4 * s.chunk_steps, s.chunk_steps]))  # greedy rows 4 tokens a step, sampled 1
+  assert (s.tokens_per_step[3, False], s.tokens_per_step[3, True]) == (4.0, 1.0)  # the first chunk replaces it
+  s._observe_tokens(3, np.asarray([2 * s.chunk_steps, 0]))  # then a running average (the sampled row did not run)
+  assert (s.tokens_per_step[3, False], s.tokens_per_step[3, True]) == pytest.approx((3.6, 1.0))
+  s.tokens_per_step = {(1, False): 1.5, (1, True): 1.1, (2, False): 2.9, (2, True): 1.2,
+                       (3, False): 3.0, (3, True): 1.2}
+  # tokens/s for both rows: plain 100, top guess 1.3 / 0.012 = 108, tree 102.5, tree and chain 100
+  assert s._choose(2) == (1, s._span(2, 1))
 
-  def losers(rows, chunks=800):
+  def picks(rows, chunks=800):
     s._live = rows + [None] * (4 - len(rows))
-    picks = [s._choose(1)[0] for _ in range(chunks)]
-    return np.diff([-1] + [i for i, p in enumerate(picks) if p != picks[0]]).tolist()[:5]
+    return [s._choose(1)[0] for _ in range(chunks)]
 
-  assert losers([sampled]) == [33, 65, 129, 257, 257]  # plain wins; a tree chunk now and then
-  assert losers([greedy]) == [33, 65, 129, 257, 257]  # the tree wins; a plain chunk now and then
+  def losers(picked):
+    return [(i, c) for i, c in enumerate(picked) if c != picked[0]][:5]
+
+  # a sampling row: plain wins; the others run after 32, 64, 128, 256, 256 chunks of it, in turn
+  assert losers(picks([sampled])) == [(32, 1), (97, 2), (226, 3), (483, 1), (740, 2)]
+  greedy_picks = picks([greedy])  # a greedy row: the tree (2.9 / 0.02) beats it with the chain (3.0 / 0.021)
+  assert greedy_picks[0] == 2 and losers(greedy_picks)[0] == (32, 0)
   s._live = [sampled, sampled, None, None]
-  assert not s._choose(2)[0]  # plain wins for two sampling rows: bucket 2's winner changes...
+  assert s._choose(2)[0] == 0  # plain wins for two sampling rows: bucket 2's winner changes...
   assert s._exploration[1].every == 256  # ...and bucket 1 keeps its count
-  span = s._span(1, False)
+  span = s._span(1, 0)
   assert span == s.spans[0] and len(s.spans) > 1
-  s.step_seconds[(1, False, s.spans[1])] = 0.005  # the longer span measured faster: chunks take it
-  assert s._span(1, False) == s.spans[1]
-  s.step_seconds[(1, False, s.spans[1])] = 0.01
-  s._observe_time((1, False, span), 1.0)  # a pause: counts as twice the average
-  assert s.step_seconds[(1, False, span)] == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
+  s.step_seconds[(1, 0, s.spans[1])] = 0.005  # the longer span measured faster: chunks take it
+  assert s._span(1, 0) == s.spans[1]
+  s.step_seconds[(1, 0, s.spans[1])] = 0.01
+  s._observe_time((1, 0, span), 1.0)  # a pause: counts as twice the average
+  assert s.step_seconds[(1, 0, span)] == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
   s._live = [sampled, None, None, None]
-  assert not s._choose(1)[0]
+  assert s._choose(1)[0] == 0
   for _ in range(20):  # plain chunks turn out slow (say the host is busy): the sampled row now drafts
     for longer in s.spans:
-      s._observe_time((1, False, longer), 0.03)
-  assert s._choose(1)[0] and s._exploration[1].every == 32
+      s._observe_time((1, 0, longer), 0.03)
+  assert s._choose(1)[0] == 1 and s._exploration[1].every == 32

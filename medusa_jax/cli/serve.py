@@ -7,8 +7,9 @@
 
 Endpoints: GET /health (200 once compiled), GET /v1/models, POST /v1/chat/completions and
 /v1/completions (`stream`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `ignore_eos`),
-GET /metrics (Prometheus). Each chunk of decode steps runs the drafter's tree or plain decoding,
-whichever this device's measured step times predict to be faster for the rows live then. SIGTERM
+GET /metrics (Prometheus). Each chunk of decode steps runs the drafter, a cheaper one (a smaller
+tree) or plain decoding, whichever this device's measured step times predict to be fastest for the
+rows live then. SIGTERM
 lets in-flight requests finish (up to 30 s) before it exits.
 """
 

@@ -217,6 +217,22 @@ def heads_drafter(heads_graphdef: nnx.GraphDef, tree: Tree, lookup: int, max_ngr
   return GatedHybrid(hybrid, min_ngram) if min_ngram else hybrid
 
 
+def cheaper_drafters(drafter) -> tuple:
+  """Drafters that verify fewer tokens a step than `drafter`, smallest first (a server's choices
+  when a step's tokens cost more than they save, `serve/scheduler.py`): under Medusa heads, their
+  top guess alone (a chain of one) when their tree is large (16 nodes or more; below that a step's
+  fixed work outweighs the nodes saved), and the heads' tree alone when a lookup chain is grafted
+  on. None for the others (a lookup chain or a draft model's chain is short; a draft model's state
+  follows its own drafts; a beam tree is built to its budget)."""
+  heads = {GatedHybrid: lambda d: d.hybrid.heads, HybridDrafter: lambda d: d.heads,
+           HeadsDrafter: lambda d: d}.get(type(drafter), lambda d: None)(drafter)
+  if heads is None:
+    return ()
+  top = HeadsDrafter(heads.heads_graphdef, Tree(chain(1)))
+  smaller = ((top,) if heads.tree.size > 16 else ()) + (heads,)
+  return tuple(d for d in smaller if d.tree.size < drafter.tree.size)
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamTreeDrafter(_Stateless):
   """Each step, the `width` best paths of a beam search `depth` deep over the heads' guesses,

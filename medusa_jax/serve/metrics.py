@@ -20,13 +20,14 @@ class Metrics:
                             ["endpoint", "status"], registry=r)
     self.prompt_tokens = Counter("medusa_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
     self.completion_tokens = Counter("medusa_completion_tokens", "Tokens generated", registry=r)
-    self.chunks = Counter("medusa_chunks", "Decode chunks run, by mode (tree or plain)", ["mode"], registry=r)
+    self.chunks = Counter("medusa_chunks", "Decode chunks run, by mode (plain, or treeN: a drafter "
+                          "verifying N tokens per row and step)", ["mode"], registry=r)
     self.accepted_tokens_per_step = Gauge(
-        "medusa_accepted_tokens_per_step", "Tokens per tree step, running average over served rows",
-        registry=r)
+        "medusa_accepted_tokens_per_step", "Tokens per step of a drafting mode, running average over served "
+        "rows", ["mode"], registry=r)
     self.step_seconds = Gauge(
         "medusa_step_seconds", "Seconds per decode step: measured at start-up, then a running average "
-        "of served chunks, by row bucket, mode (tree or plain) and attention span", ["rows", "mode", "span"],
+        "of served chunks, by row bucket, mode and attention span", ["rows", "mode", "span"],
         registry=r)
     self.active_rows = Gauge("medusa_active_rows", "Rows decoding now", registry=r)
     self.queue_depth = Gauge("medusa_queue_depth", "Requests waiting for a slot", registry=r)

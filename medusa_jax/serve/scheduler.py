@@ -5,13 +5,15 @@ produced, and retires finished rows.
 What drafts (`mode`): Medusa heads (with the heads directory's lookup chain), prompt lookup alone,
 or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`).
 
-Adaptive speculation: each chunk runs the drafter's tree or plain decoding, whichever is predicted to
-emit more tokens per second for the live rows. The step time of each (row bucket, tree or plain,
-attention span) is measured at start-up, then kept as a running average of the chunks' own times
-while serving. The tokens per tree step are the ones observed while serving, for greedy and for
-sampling rows apart; a chunk expects the mean over its live rows. The losing choice still runs
-now and then, to refresh its estimates.
-Greedy and seeded outputs do not depend on that choice (`decode/coupled.py`).
+Adaptive speculation: each chunk runs one of the `choices`: plain decoding, cheaper drafters
+(`drafters.cheaper_drafters`: the heads' top guess alone, the heads' tree without the lookup
+chain) or the full drafter, whichever is predicted to emit the most tokens per second for the live
+rows. The step time of each (row bucket, choice, attention span) is measured at start-up, then
+kept as a running average of the chunks' own times while serving. The tokens per step of each
+drafter are the ones observed while serving, for greedy and for sampling rows apart; a chunk
+expects the mean over its live rows. The losing choices still run now and then, in turn, to
+refresh their estimates.
+Greedy and seeded outputs do not depend on the choice (`decode/coupled.py`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import numpy as np
 
 from medusa_jax.decode import slots as device
 from medusa_jax.decode.config import GenerationConfig
+from medusa_jax.decode.drafters import cheaper_drafters
 from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve.metrics import Metrics
 
-EXPLORE_EVERY = 32  # chunks of the winner before the losing choice refreshes its estimates (`Scheduler._choose`)
+EXPLORE_EVERY = 32  # chunks of the winner before a losing choice refreshes its estimates (`Scheduler._choose`)
 
 
 class QueueFull(MedusaError):
@@ -67,10 +70,11 @@ class Request:
 
 @dataclasses.dataclass
 class _Exploration:
-  """Per row bucket: the choice the estimates favour, and when the other one runs next."""
-  winner: bool = True          # tree (True) or plain
-  since: int = 0               # chunks of the winner since the loser last ran
-  every: int = EXPLORE_EVERY   # chunks of the winner before the loser runs again
+  """Per row bucket: the choice the estimates favour, and when and which other one runs next."""
+  winner: int                  # an index into `Scheduler.choices`
+  since: int = 0               # chunks of the winner since a loser last ran
+  every: int = EXPLORE_EVERY   # chunks of the winner before a loser runs again
+  turn: int = 0                # which loser runs next (they take turns)
 
 
 class Scheduler:
@@ -99,6 +103,9 @@ class Scheduler:
       config = config.replace(draft_tokens=lookup)
     self.drafter, self.params = (None, None) if mode == "baseline" else engine.drafter(mode, config)
     self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
+    # what a chunk runs, cheapest first: plain decoding (None), cheaper drafters, the drafter
+    self.choices = (None,) if self.drafter is None else (None, *cheaper_drafters(self.drafter), self.drafter)
+    self.names = tuple("plain" if d is None else f"tree{d.tree.size}" for d in self.choices)
     self.max_batch, self.chunk_steps, self.max_queue = max_batch, chunk_steps, max_queue
     # a tree chunk writes up to the tree past a row's length; a draft model's catch-up, chunk_steps
     self.slack = 1 if self.tree is None else max(self.tree.size, chunk_steps)
@@ -111,10 +118,12 @@ class Scheduler:
     # attention spans (compiled once each): powers of 4 from 256 up to half the cache, and the whole
     # cache (a span near the whole cache saves little attention and costs a copy of the cache's rows)
     self.spans = sorted({s for s in (256 << 2 * i for i in range(8)) if 2 * s <= self.max_len} | {self.max_len})
-    self.step_seconds: dict[tuple[int, bool, int], float] = {}  # (bucket, tree?, span) -> seconds per step
-    # tokens per tree step, observed for greedy (False) and sampling (True) rows (a prior until then)
-    prior = 1.0 if self.tree is None else (self.tree.depth + 2) / 2
-    self.tree_tokens_per_step = {False: prior, True: prior}
+    self.step_seconds: dict[tuple[int, int, int], float] = {}  # (bucket, choice, span) -> seconds per step
+    # tokens per step of each drafting choice, observed for greedy (False) and sampling (True) rows
+    # (a prior until its first chunk, whose rate replaces it)
+    self.tokens_per_step = {(c, sampled): (d.tree.depth + 2) / 2 for c, d in enumerate(self.choices)
+                            if d is not None for sampled in (False, True)}
+    self._observed: set[tuple[int, bool]] = set()
     self.metrics = metrics or Metrics()
     self._queue: queue.Queue[Request] = queue.Queue()
     self._live: list[Request | None] = [None] * max_batch
@@ -122,15 +131,16 @@ class Scheduler:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._slots = None
-    self._exploration = {b: _Exploration() for b in self.buckets}
+    self._exploration = {b: _Exploration(len(self.choices) - 1) for b in self.buckets}
     self.ready = False
 
   # ---- start-up ---------------------------------------------------------------------------------
 
-  def _chunk(self, slots, use_tree: bool, b: int, span: int | None = None):
-    e = self.engine
-    return device.run_chunk(e.state, self.params, slots, e.eos_ids, graphdef=e.graphdef, drafter=self.drafter,
-                            bucket=b, steps=self.chunk_steps, span=span, plain=not use_tree)
+  def _chunk(self, slots, c: int, b: int, span: int | None = None):
+    e, drafter = self.engine, self.choices[c]
+    return device.run_chunk(e.state, self.params, slots, e.eos_ids, graphdef=e.graphdef,
+                            drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps, span=span,
+                            plain=drafter is None)
 
   def _empty_slots(self):
     e = self.engine
@@ -141,18 +151,19 @@ class Scheduler:
   def _prompt_bucket(self, n: int) -> int:
     return next(p for p in self.prompt_buckets if p >= n)
 
-  def _span(self, b: int, use_tree: bool) -> int:
-    """The positions the next chunk attends to: of the `spans` that hold the longest live row plus
-    what the chunk writes (a tree chunk: each step's tree; a plain one: a token a step, and as many
-    for a draft model's catch-up), the one with the shortest step time (the smallest before any
-    is measured)."""
+  def _span(self, b: int, c: int) -> int:
+    """The positions the next chunk of choice `c` attends to: of the `spans` that hold the longest
+    live row plus what the chunk writes (a drafting chunk: each step's tree; a plain one: a token a
+    step, and as many for a draft model's catch-up), the one with the shortest step time (the
+    smallest before any is measured)."""
     longest = max(len(r.prompt_ids) + len(r.token_ids) for r in self._live[:b] if r is not None)
-    writes = self.chunk_steps * (self.tree.depth + 1) + self.tree.size if use_tree else self.chunk_steps + 1
+    d = self.choices[c]
+    writes = self.chunk_steps + 1 if d is None else self.chunk_steps * (d.tree.depth + 1) + d.tree.size
     fits = [s for s in self.spans if s >= longest + writes]
-    return min(fits, key=lambda s: (self.step_seconds.get((b, use_tree, s), 0.0), s))
+    return min(fits, key=lambda s: (self.step_seconds.get((b, c, s), 0.0), s))
 
   def warm_up(self) -> None:
-    """Compiles every (row bucket, tree or plain, span) chunk, the prompt buckets' prefill and the
+    """Compiles every (row bucket, choice, span) chunk, the prompt buckets' prefill and the
     row moves, and times each chunk (best of 3) with every row at a quarter of the context (done
     at once, so the rows stay there: a chunk's cost depends on its span, not on what it emits)."""
     e = self.engine
@@ -163,17 +174,17 @@ class Scheduler:
     for i in range(self.max_batch):
       slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)), budget=1)[0]
     for b in self.buckets:
-      for use_tree in ([False, True] if self.tree is not None else [False]):
+      for c in range(len(self.choices)):
         for span in self.spans:
-          slots, tokens, _ = self._chunk(slots, use_tree, b, span)  # compiles
+          slots, tokens, _ = self._chunk(slots, c, b, span)  # compiles
           jax.block_until_ready(tokens)
           best = float("inf")
           for _ in range(3):
             start = time.perf_counter()
-            slots, tokens, _ = self._chunk(slots, use_tree, b, span)
+            slots, tokens, _ = self._chunk(slots, c, b, span)
             jax.block_until_ready(tokens)
             best = min(best, time.perf_counter() - start)
-          self._set_step_seconds((b, use_tree, span), best / self.chunk_steps)
+          self._set_step_seconds((b, c, span), best / self.chunk_steps)
     jax.block_until_ready(device.free_row(device.move_row(slots, jnp.int32(1 % self.max_batch), jnp.int32(0)),
                                           jnp.int32(0)))
     self._slots = self._empty_slots()
@@ -252,16 +263,16 @@ class Scheduler:
         self._wake.clear()
         continue
       b = next(b for b in self.buckets if b >= live)
-      use_tree, span = self._choose(b)
+      c, span = self._choose(b)
       jax.block_until_ready(self._slots)  # the chunk's time is its own, not the row moves' before it
       start = time.perf_counter()
-      self._slots, tokens, counts = self._chunk(self._slots, use_tree, b, span)
+      self._slots, tokens, counts = self._chunk(self._slots, c, b, span)
       tokens, counts, done = jax.device_get((tokens, counts, self._slots.done[:b]))
       now = time.perf_counter()
-      self._observe_time((b, use_tree, span), (now - start) / self.chunk_steps)
-      self.metrics.chunks.labels("tree" if use_tree else "plain").inc()
-      if use_tree:
-        self._observe_tree(counts)
+      self._observe_time((b, c, span), (now - start) / self.chunk_steps)
+      self.metrics.chunks.labels(self.names[c]).inc()
+      if self.choices[c] is not None:
+        self._observe_tokens(c, counts)
       for i in range(b):
         r = self._live[i]
         if r is not None:
@@ -272,48 +283,53 @@ class Scheduler:
         if self._live[i] is not None and self._live[i].finish_reason is not None:
           self._free(i)
 
-  def _observe_tree(self, counts: np.ndarray) -> None:
-    """Updates the tokens per tree step of greedy and of sampling rows from a tree chunk (rows
-    that were live and ran)."""
+  def _observe_tokens(self, c: int, counts: np.ndarray) -> None:
+    """Updates the tokens per step of drafting choice `c`, for greedy and for sampling rows, from
+    a chunk of it (`counts`: the tokens of each row; rows that were live and ran): its rate
+    replaces the prior, then joins a running average."""
     for sampled in (False, True):
-      ran = [int(c) for r, c in zip(self._live, counts) if r is not None and c > 0 and (r.temperature > 0) == sampled]
+      ran = [int(n) for r, n in zip(self._live, counts) if r is not None and n > 0 and (r.temperature > 0) == sampled]
       if ran:
         rate = sum(ran) / (len(ran) * self.chunk_steps)
-        self.tree_tokens_per_step[sampled] = 0.8 * self.tree_tokens_per_step[sampled] + 0.2 * rate
-    self.metrics.accepted_tokens_per_step.set(self._expected_tokens(len(self._live)))
+        old = self.tokens_per_step[c, sampled] if (c, sampled) in self._observed else rate
+        self.tokens_per_step[c, sampled] = 0.8 * old + 0.2 * rate
+        self._observed.add((c, sampled))
+    self.metrics.accepted_tokens_per_step.labels(self.names[c]).set(self._expected_tokens(c, len(self._live)))
 
-  def _expected_tokens(self, b: int) -> float:
-    """Tokens per tree step expected from the live rows among the first `b` slots."""
+  def _expected_tokens(self, c: int, b: int) -> float:
+    """Tokens per step of choice `c` expected from the live rows among the first `b` slots."""
+    if self.choices[c] is None:
+      return 1.0
     live = [r for r in self._live[:b] if r is not None]
-    return sum(self.tree_tokens_per_step[r.temperature > 0] for r in live) / max(1, len(live))
+    return sum(self.tokens_per_step[c, r.temperature > 0] for r in live) / max(1, len(live))
 
-  def _observe_time(self, key: tuple[int, bool, int], seconds: float) -> None:
-    """Folds a chunk's seconds per step into the running average of its (bucket, tree?, span); a
+  def _observe_time(self, key: tuple[int, int, int], seconds: float) -> None:
+    """Folds a chunk's seconds per step into the running average of its (bucket, choice, span); a
     time over twice the average (a pause on the host) counts as twice."""
     old = self.step_seconds[key]
     self._set_step_seconds(key, 0.8 * old + 0.2 * min(seconds, 2 * old))
 
-  def _set_step_seconds(self, key: tuple[int, bool, int], seconds: float) -> None:
-    b, use_tree, span = key
+  def _set_step_seconds(self, key: tuple[int, int, int], seconds: float) -> None:
+    b, c, span = key
     self.step_seconds[key] = seconds
-    self.metrics.step_seconds.labels(str(b), "tree" if use_tree else "plain", str(span)).set(seconds)
+    self.metrics.step_seconds.labels(str(b), self.names[c], str(span)).set(seconds)
 
-  def _choose(self, b: int) -> tuple[bool, int]:
-    """Whether the next chunk of `b` rows runs the tree, and its span: the predicted tokens/s of
-    each. The losing choice still runs now and then to refresh its estimates: after 32 chunks of
-    the winner (counted per row bucket), then twice as many each time up to 256, and after 32
-    again once the winner changes."""
-    if self.tree is None:
-      return False, self._span(b, False)
-    spans = {t: self._span(b, t) for t in (False, True)}
-    tree_rate = self._expected_tokens(b) / self.step_seconds[(b, True, spans[True])]
-    winner = tree_rate >= 1.0 / self.step_seconds[(b, False, spans[False])]
+  def _choose(self, b: int) -> tuple[int, int]:
+    """The choice the next chunk of `b` rows runs, and its span: the one with the most predicted
+    tokens/s (ties to the larger). The losing choices still run now and then, in turn, to refresh
+    their estimates: after 32 chunks of the winner (counted per row bucket), then twice as many
+    each time up to 256, and after 32 again once the winner changes."""
+    spans = [self._span(b, c) for c in range(len(self.choices))]
+    rates = [self._expected_tokens(c, b) / self.step_seconds[(b, c, spans[c])] for c in range(len(self.choices))]
+    winner = max(range(len(rates)), key=lambda c: (rates[c], c))
     e = self._exploration[b]
     if winner != e.winner:
-      e.winner, e.since, e.every = winner, 0, EXPLORE_EVERY
-    if e.since >= e.every:
+      e.winner, e.since, e.every, e.turn = winner, 0, EXPLORE_EVERY, 0
+    if e.since >= e.every and len(self.choices) > 1:
       e.since, e.every = 0, min(2 * e.every, 8 * EXPLORE_EVERY)
-      return not winner, spans[not winner]
+      losers = [c for c in range(len(self.choices)) if c != winner]
+      loser, e.turn = losers[e.turn % len(losers)], e.turn + 1
+      return loser, spans[loser]
     e.since += 1
     return winner, spans[winner]
 
