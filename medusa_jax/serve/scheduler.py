@@ -164,26 +164,36 @@ class Scheduler:
 
   def warm_up(self) -> None:
     """Compiles every (row bucket, choice, span) chunk, the prompt buckets' prefill and the
-    row moves, and times each chunk (best of 3) with every row at a quarter of the context (done
-    at once, so the rows stay there: a chunk's cost depends on its span, not on what it emits)."""
+    row moves, and times each chunk (best of 3) with every row live a quarter into the context
+    (put back there before each: a drafting step's cost depends on what its drafts match, e.g.
+    whether a gated lookup chain runs)."""
     e = self.engine
     slots = self._empty_slots()
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
     for p in self.prompt_buckets:
       slots = self._insert(slots, 0, prompt[:p], p, budget=1)[0]
     for i in range(self.max_batch):
-      slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)), budget=1)[0]
+      slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)),
+                           budget=self.max_context - len(prompt), stop_on_eos=False)[0]
+    placed = jax.tree.map(jnp.copy, (slots.cache.lengths, slots.budget, slots.done))
+
+    def rewound(rows):  # what the chunks wrote past the rows' lengths is never read
+      lengths, budget, done = jax.tree.map(jnp.copy, placed)  # fresh buffers: a chunk donates its own
+      return dataclasses.replace(rows, cache=dataclasses.replace(rows.cache, lengths=lengths), budget=budget,
+                                 done=done)
+
     for b in self.buckets:
       for c in range(len(self.choices)):
         for span in self.spans:
-          slots, tokens, _ = self._chunk(slots, c, b, span)  # compiles
+          slots, tokens, _ = self._chunk(rewound(slots), c, b, span)  # compiles
           jax.block_until_ready(tokens)
           best = float("inf")
           for _ in range(3):
-            start = time.perf_counter()
+            slots = rewound(slots)
+            begin = time.perf_counter()
             slots, tokens, _ = self._chunk(slots, c, b, span)
             jax.block_until_ready(tokens)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.perf_counter() - begin)
           self._set_step_seconds((b, c, span), best / self.chunk_steps)
     jax.block_until_ready(device.free_row(device.move_row(slots, jnp.int32(1 % self.max_batch), jnp.int32(0)),
                                           jnp.int32(0)))
