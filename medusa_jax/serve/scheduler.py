@@ -6,8 +6,8 @@ What drafts (`mode`): Medusa heads (with the heads directory's lookup chain), pr
 or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`).
 
 Adaptive speculation: each chunk runs one of the `choices`: plain decoding, cheaper drafters
-(`drafters.cheaper_drafters`: the heads' top guess alone, the heads' tree without the lookup
-chain) or the full drafter, whichever is predicted to emit the most tokens per second for the live
+(`drafters.cheaper_drafters`: the heads' tree without the lookup chain; their top guess alone
+under a large tree) or the full drafter, whichever is predicted to emit the most tokens per second for the live
 rows. The step time of each (row bucket, choice, attention span) is measured at start-up, then
 kept as a running average of the chunks' own times while serving. The tokens per step of each
 drafter are the ones observed while serving, for greedy and for sampling rows apart; a chunk
