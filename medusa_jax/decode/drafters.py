@@ -224,9 +224,9 @@ def cheaper_drafters(drafter) -> tuple:
   fixed work outweighs the nodes saved), and the heads' tree alone when a lookup chain is grafted
   on. None for the others (a lookup chain or a draft model's chain is short; a draft model's state
   follows its own drafts; a beam tree is built to its budget)."""
-  heads = {GatedHybrid: lambda d: d.hybrid.heads, HybridDrafter: lambda d: d.heads,
-           HeadsDrafter: lambda d: d}.get(type(drafter), lambda d: None)(drafter)
-  if heads is None:
+  heads = drafter.hybrid if isinstance(drafter, GatedHybrid) else drafter
+  heads = heads.heads if isinstance(heads, HybridDrafter) else heads
+  if not isinstance(heads, HeadsDrafter):
     return ()
   top = HeadsDrafter(heads.heads_graphdef, Tree(chain(1)))
   smaller = ((top,) if heads.tree.size > 16 else ()) + (heads,)
