@@ -10,12 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the ocean.",
-    "Explain how a refrigerator works in simple terms.",
-]
-
 
 @pytest.fixture(scope="session")
 def smollm2():

@@ -98,7 +98,7 @@ def test_bad_beam_settings_are_one_line_errors(models):
 
 
 def _random_heads_engine():
-  from test_medusa import random_heads
+  from helpers import random_heads
 
   from medusa_jax.model.config import preset
   from medusa_jax.weights.specs import random_model
@@ -113,10 +113,10 @@ def _random_heads_engine():
 def test_speculative_beam_search_equals_beam_search(settings):
   """Each beam drafts the heads' tree (static, or per step with draft_beams), one forward verifies
   them all: the same hypotheses as plain beam search, for a batch of prompts of mixed lengths."""
-  from test_medusa import _prompts
+  from helpers import random_prompts
 
   engine = _random_heads_engine()
-  prompts = _prompts(4, [5, 17, 9, 30])
+  prompts = random_prompts(4, [5, 17, 9, 30])
   n = settings["num_beams"]
   plain = engine.generate_ids(prompts, mode="beam", max_new_tokens=24, num_return_sequences=n, **settings)
   spec = engine.generate_ids(prompts, mode="beam", max_new_tokens=24, num_return_sequences=n, beam_heads=True,
@@ -130,13 +130,13 @@ def test_speculative_beam_search_with_oracle_heads_takes_several_steps_per_forwa
   """A backbone whose next token is sigma(token), sharpened so that beams stay apart, and heads that
   guess sigma's powers: the beams' steps mostly stay inside the heads' 63-node trees."""
   import jax.numpy as jnp
-  from test_medusa import _oracle_heads, _permutation_model, _prompts
+  from helpers import oracle_heads, permutation_model, random_prompts
 
-  model, sigma = _permutation_model()
+  model, sigma = permutation_model()
   model.lm_head.kernel[...] = model.lm_head.kernel[...] * 8.0
-  engine = Engine(model, ByteTokenizer(), heads=_oracle_heads(model, sigma, 4), max_cache_len=512)
+  engine = Engine(model, ByteTokenizer(), heads=oracle_heads(model, sigma, 4), max_cache_len=512)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)
-  prompts = [[int(t) % 64 for t in p] for p in _prompts(7, [6, 13])]
+  prompts = [[int(t) % 64 for t in p] for p in random_prompts(7, [6, 13])]
   for beams in (1, 2, 3):
     plain = engine.generate_ids(prompts, mode="beam", num_beams=beams, num_return_sequences=beams, max_new_tokens=30)
     spec = engine.generate_ids(prompts, mode="beam", num_beams=beams, num_return_sequences=beams,

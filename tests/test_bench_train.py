@@ -1,4 +1,4 @@
-"""infer/bench_train.py: its FLOP count against XLA's own count of the compiled step, and the CLI."""
+"""train/bench_train.py: its FLOP count against XLA's own count of the compiled step, and the CLI."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from medusa_jax.cli.bench_train import flops_per_token
 from medusa_jax.training.batches import SequenceBatch
 from medusa_jax.training.config import load_config
 from medusa_jax.training.loop import setup
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
@@ -38,13 +38,13 @@ def test_flops_per_token_matches_xla_cost_analysis(overrides, tolerance):
 
 
 def test_bench_train_cli(tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "bench_train.py"), TINY,
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train", "bench_train.py"), TINY,
                          "method=medusa2", "--steps", "2", "--peak-tflops", "1", "--json"],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["method"] == "medusa2" and result["tokens_per_second"] > 0
   assert result["mfu"] == pytest.approx(result["tflops_per_second"] / result["devices"], abs=1e-3)
-  bad = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "bench_train.py"), TINY,
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "train", "bench_train.py"), TINY,
                         "cache_hidden=true"], capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: bench_train times the full step: give cache.hidden=false"

@@ -8,22 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_medusa import random_heads
+from helpers import ROOT, write_tiny_heads
 
-from medusa_jax.formats import medusa as medusa_format
-from medusa_jax.medusa.heads import HeadsConfig
 from medusa_jax.medusa.tree import get_tree
-from medusa_jax.model.config import preset
-from medusa_jax.weights.specs import random_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_tiny_heads(path, num_heads: int = 3) -> None:
-  """Random Medusa heads (shared lm_head) for `random:tiny`, written as a heads directory."""
-  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
-  medusa_format.write(str(path), random_heads(base, HeadsConfig(num_heads, 1, True)), base,
-                      base_model="random:tiny", lm_head_copies=False)
 
 
 def test_benchmark_cli(tmp_path):

@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-from medusa_jax.training.data import Conversation
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from medusa_jax.training.data import Conversation
 
 
 def _run(out, *extra):

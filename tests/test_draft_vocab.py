@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_medusa import _oracle_heads, _permutation_model, _prompts, random_heads
+from helpers import oracle_heads, permutation_model, random_heads, random_prompts
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
@@ -81,7 +81,7 @@ def test_greedy_medusa_with_a_draft_vocab_equals_greedy_baseline(lengths):
   ids = np.random.default_rng(1).permutation(model.config.vocab_size)[:100]
   engine = Engine(model, ByteTokenizer(), heads=random_heads(model), tree="mc_sim_7b_63",
                   max_cache_len=512, draft_vocab=ids)
-  prompts = _prompts(len(lengths), lengths)
+  prompts = random_prompts(len(lengths), lengths)
   base, base_n, _, _ = engine.generate_ids(prompts, max_new_tokens=40, mode="baseline")
   med, med_n, _, _ = engine.generate_ids(prompts, max_new_tokens=40, mode="medusa")
   np.testing.assert_array_equal(med_n, base_n)
@@ -92,8 +92,8 @@ def test_oracle_heads_keep_every_guess_inside_the_set_and_lose_the_rest():
   """Oracle heads (always right over the whole vocabulary): with every id in a shuffled order
   they still reach depth + 1 tokens per step (the id mapping is right); with half the ids a step
   accepts a guess exactly when its token is in the set; the text never changes."""
-  model, sigma = _permutation_model()
-  engine = Engine(model, ByteTokenizer(), heads=_oracle_heads(model, sigma, 1), tree="chain1",
+  model, sigma = permutation_model()
+  engine = Engine(model, ByteTokenizer(), heads=oracle_heads(model, sigma, 1), tree="chain1",
                   max_cache_len=256)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)
   prompt, n = [5, 9, 2], 30
@@ -119,8 +119,8 @@ def test_oracle_heads_keep_every_guess_inside_the_set_and_lose_the_rest():
 
 
 def test_head_accuracy_over_a_shuffled_whole_vocab_equals_the_whole_vocab():
-  model, sigma = _permutation_model()
-  heads = _oracle_heads(model, sigma, 3)
+  model, sigma = permutation_model()
+  heads = oracle_heads(model, sigma, 3)
   heads.lm_heads[1].kernel[...] = heads.lm_heads[0].kernel[...]  # head 1 off by one: rank 1
   engine = Engine(model, ByteTokenizer(), heads=heads, tree="chain3", max_cache_len=256)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)

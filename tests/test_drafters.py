@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_heads
 
 from medusa_jax.decode.drafters import (
   GatedHybrid,
@@ -22,7 +23,6 @@ from medusa_jax.medusa.tree import MC_SIM_7B_63, Tree
 from medusa_jax.model.config import preset
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
-from tests.test_medusa import random_heads
 
 
 def _lookup(rows, k=3, n=3, size=16):
@@ -198,15 +198,15 @@ def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
   """Speculative sampling with a draft model, a chain sampled from its distributions and a tree of
   its top-k tokens, on a model whose attention matters: every sampled token is scored against the
   target's exact distribution given everything before it (one teacher-forced forward over prompt +
-  output; `tests/sampling_stats.py`). 1,024 different prompts of mixed lengths, 16 tokens each,
+  output; `tests/helpers.py`). 1,024 different prompts of mixed lengths, 16 tokens each,
   several steps per row. The same check passes plain sampling and fails when either acceptance
   probability is 3% too high."""
   import jax
   from flax import nnx
+  from helpers import deviation
 
   from medusa_jax.decode import acceptance
   from medusa_jax.decode.sampling import SamplingParams, sampling_logits
-  from tests.sampling_stats import deviation
 
   rows, n = 2048, 16
   target = random_model(preset("tiny"), seed=0)
@@ -214,7 +214,7 @@ def test_draft_model_sampling_has_the_targets_distribution(monkeypatch):
   draft = random_model(preset("tiny"), seed=0)
   draft.lm_head.kernel[...] = target.lm_head.kernel[...] * 1.4  # the target, overconfident: p / q < 1 often
   graphdef = nnx.graphdef(target)
-  sampling = SamplingParams(temperature=0.9)  # top-p sorts the vocabulary at every node: slow here
+  sampling = SamplingParams(temperature=0.9, top_p=1.0)  # top-p sorts the vocabulary at every node: slow here
   prompts = _prompts(np.random.default_rng(2).integers(4, 24, size=rows).tolist())
   lens = np.asarray([len(p) for p in prompts])
 
@@ -277,8 +277,8 @@ def test_heads_directory_names_its_lookup_chain(tmp_path):
                       base_model="random:tiny", lm_head_copies=False)
   (heads_dir / "tree.json").write_text(json.dumps({"paths": [[0], [0, 0], [1]], "lookup": 3}))
   engine = medusa_jax.load("random:tiny", heads=str(heads_dir))
-  assert engine.lookup == 3 and engine.drafter("medusa", engine_config := medusa_jax.GenerationConfig())[0].tree.size == 7
-  assert engine.drafter("medusa", engine_config.replace(lookup=0))[0].tree.size == 4
+  assert engine.lookup == 3 and engine.plan(mode="medusa").drafter.tree.size == 7
+  assert engine.plan(mode="medusa", lookup=0).drafter.tree.size == 4
   prompts = _prompts([20, 31])
   base_out = engine.generate_ids(prompts, max_new_tokens=24, mode="baseline")[0]
   np.testing.assert_array_equal(engine.generate_ids(prompts, max_new_tokens=24)[0], base_out)
@@ -305,15 +305,15 @@ def test_cheaper_drafters_verify_fewer_tokens():
 
 
 def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, cheaper=False, **settings):
-  """Greedy rows decoded by the server's slots (`decode/slots.py`; one slot more than rows), 2 steps
+  """Greedy rows decoded by the server's slots (`serve/slots.py`; one slot more than rows), 2 steps
   a chunk over `mode`'s drafter; with `plain_every` n, every n-th chunk plain; with `cheaper`, the
   chunks take turns over plain, the drafter's `cheaper_drafters` and the drafter (the server's
   choices). Returns (each row's tokens, chunks run, each drafted chunk's (counts, budgets left
   before it) per row)."""
-  from medusa_jax.decode import slots as device
-  from medusa_jax.decode.config import GenerationConfig
+  from medusa_jax.serve import slots as device
 
-  drafter, params = engine.drafter(mode, GenerationConfig(**settings))
+  plan = engine.plan(mode=mode, **settings)
+  drafter, params = plan.drafter, plan.params
   turns = (None, *cheaper_drafters(drafter), drafter) if cheaper else (drafter,)
   rows = len(prompts)
   draft = drafter.empty(params, engine.model, rows + 1, 256, engine.dtype, None)
@@ -343,7 +343,7 @@ def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, cheap
 
 
 def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
-  """The server's slots (`decode/slots.py`) keep each row's tokens, so a chunk drafts with prompt
+  """The server's slots (`serve/slots.py`) keep each row's tokens, so a chunk drafts with prompt
   lookup too, grafted onto the heads' tree (always or gated) or alone: two greedy rows decoded in
   chunks give the baseline's tokens, and the chain is accepted on repetitive text (fewer chunks
   than the heads alone). Chunks taking turns over the server's cheaper choices (the heads' top
@@ -385,3 +385,31 @@ def test_server_chunks_draft_with_a_model_that_catches_up_after_plain_chunks(tin
   if draft == "same":  # 2 steps of 3 drafted + 1 bonus, or what is left of the budget
     for counts, left in drafted:
       np.testing.assert_array_equal(counts, np.minimum(8, np.maximum(left, 0)))
+
+
+@pytest.mark.parametrize("settings", [dict(mode="baseline"), dict(mode="medusa"), dict(mode="medusa", acceptance="typical"),
+                                      dict(mode="draft", draft_tokens=2), dict(mode="lookup")])
+def test_new_temperatures_compile_nothing(tiny, settings):
+  """Sampling settings are arrays of the compiled programs: after a first generation at
+  temperature 0.5, generations at 0.7 and 0.9 (and another top-p) run without one XLA compile,
+  for plain decoding, every drafter and both acceptance rules, and their samples differ."""
+  import jax.monitoring
+
+  tiny.set_draft_model("self:1")
+  compiles = []
+
+  def count(event, *_, **__):
+    if event == "/jax/core/compile/backend_compile_duration":  # every XLA compilation
+      compiles.append(event)
+
+  prompts = _prompts([12, 17])
+  first = tiny.generate_ids(prompts, max_new_tokens=12, temperature=0.5, **settings).tokens
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    later = [tiny.generate_ids(prompts, max_new_tokens=12, temperature=t, top_p=p, seed=1, **settings).tokens
+             for t, p in ((0.7, 1.0), (0.9, 0.9))]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+    tiny.set_draft_model(None)
+  assert compiles == []
+  assert any((first != out).any() for out in later)

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_medusa import (
-  _oracle_heads,
-  _oracle_hydra_heads,
-  _permutation_model,
-  _prompts,
+from helpers import (
+  oracle_heads,
+  oracle_hydra_heads,
+  permutation_model,
   random_heads,
+  random_prompts,
 )
 
 from medusa_jax.decode.engine import Engine
@@ -79,7 +79,7 @@ def test_medusa_beam_paths_are_the_best_paths_by_brute_force():
 def test_greedy_medusa_beam_equals_greedy_baseline(beams, depth, budget, lengths):
   model = random_model(preset("tiny"), seed=3)
   engine = Engine(model, ByteTokenizer(), heads=random_heads(model), max_cache_len=1024)
-  prompts = _prompts(len(lengths), lengths)
+  prompts = random_prompts(len(lengths), lengths)
   base = engine.generate_ids(prompts, max_new_tokens=40, mode="baseline")
   out = engine.generate_ids(prompts, max_new_tokens=40, mode="medusa", draft_beams=beams, draft_depth=depth,
                             tree_budget=budget)
@@ -91,7 +91,7 @@ def test_greedy_hydra_beam_equals_greedy_baseline():
   model = random_model(preset("tiny"), seed=4)
   engine = Engine(model, ByteTokenizer(), heads=random_heads(model, HeadsConfig(4, 1, True, "hydra"), scale=0.5),
                   max_cache_len=1024)
-  prompts = _prompts(4, [5, 17, 9, 30])
+  prompts = random_prompts(4, [5, 17, 9, 30])
   base = engine.generate_ids(prompts, max_new_tokens=40, mode="baseline")
   out = engine.generate_ids(prompts, max_new_tokens=40, mode="medusa", draft_beams=3, draft_depth=3)
   np.testing.assert_array_equal(out.tokens, base.tokens)
@@ -101,11 +101,11 @@ def test_greedy_hydra_beam_equals_greedy_baseline():
 def test_oracle_heads_fill_every_step(head_type):
   """Heads that are always right: the beam's best path is the continuation, so each step emits
   depth + 1 tokens, with greedy, lossless-sampling and typical acceptance."""
-  model, sigma = _permutation_model()
-  heads = _oracle_heads(model, sigma, 4) if head_type == "medusa" else _oracle_hydra_heads(model, 4)
+  model, sigma = permutation_model()
+  heads = oracle_heads(model, sigma, 4) if head_type == "medusa" else oracle_hydra_heads(model, 4)
   engine = Engine(model, ByteTokenizer(), heads=heads, max_cache_len=512)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)
-  prompts = [[int(t) % 64 for t in p] for p in _prompts(7, [6, 13])]
+  prompts = [[int(t) % 64 for t in p] for p in random_prompts(7, [6, 13])]
   n, depth = 41, 3
   for settings in (dict(), dict(temperature=0.5), dict(temperature=0.5, acceptance="typical")):
     tokens, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, mode="medusa", draft_beams=3,

@@ -12,8 +12,7 @@ import subprocess
 import tomllib
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _scripts() -> dict[str, str]:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 import medusa_jax
 from medusa_jax import GenerationConfig, MedusaError
@@ -16,8 +17,6 @@ from medusa_jax.decode.engine import Engine
 from medusa_jax.model.config import preset
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_unknown_preset():
@@ -162,7 +161,7 @@ def test_cli_number_and_path_flags(tmp_path, capsys):
   [line] = _cli_error("train/distill.py", distill, capsys)
   assert line.startswith(f"error: cannot resume from {out}: ")
   assert sorted(os.listdir(tmp_path)) == ["d.json", "p.jsonl"] and out.read_text() == "[{"
-  from test_medusa import random_heads
+  from helpers import random_heads
 
   from medusa_jax.formats import medusa as medusa_format
   from medusa_jax.medusa.heads import HeadsConfig

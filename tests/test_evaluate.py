@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import sacrebleu
+from helpers import ROOT, write_tiny_heads
 from rouge_score import rouge_scorer
-from test_benchmark import write_tiny_heads
 
 from medusa_jax.errors import MedusaError
 from medusa_jax.eval import metrics, references
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = ["the cat sat on the mat", "a quick brown fox jumps", "he paid 12 dollars"]
 REFS = [("the cat is on the mat", "a cat sat on a mat"), ("the quick brown fox jumped",),
         ("He pays 1,2 dollars. #### 12",)]

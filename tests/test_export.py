@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_medusa import random_heads
+from helpers import ROOT, random_heads
 
 from medusa_jax import MedusaError
 from medusa_jax.formats.layout import export, read_heads
@@ -23,8 +23,6 @@ from medusa_jax.training.config import load_config
 from medusa_jax.training.loop import train
 from medusa_jax.weights.hf import read_dir
 from medusa_jax.weights.specs import random_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from test_medusa import _oracle_heads, _permutation_model
+from helpers import oracle_heads, permutation_model
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.model.tokenizer import ByteTokenizer
@@ -15,8 +15,8 @@ from medusa_jax.tuning.head_accuracy import head_accuracy, tokens_per_step
 def test_oracle_and_off_by_one_heads():
   """Heads 0 and 2 map x to sigma^(k+2)(x) (always right: rank 0); head 1 maps x to sigma^2(x)
   instead of sigma^3(x): the right token scores 0 under exactly one token scoring 1, so rank 1."""
-  model, sigma = _permutation_model()
-  heads = _oracle_heads(model, sigma, 3)
+  model, sigma = permutation_model()
+  heads = oracle_heads(model, sigma, 3)
   heads.lm_heads[1].kernel[...] = heads.lm_heads[0].kernel[...]
   engine = Engine(model, ByteTokenizer(), heads=heads, tree="chain3", max_cache_len=256)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)  # answers run to max_new_tokens

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from test_medusa import random_heads
+from helpers import random_heads
 
 from medusa_jax import MedusaError
 from medusa_jax.formats.medusa import WEIGHTS, read, to_tensors, write
@@ -81,4 +81,4 @@ def test_load_with_fewer_heads_cuts_the_default_tree(tmp_path):
         lm_head_copies=False)
   engine = medusa_jax.load("random:tiny", heads=str(tmp_path / "h"))
   assert engine.tree.depth == 2 and engine.tree.size == 1 + 10 + 28
-  assert engine.resolve_mode("auto") == "medusa"
+  assert engine.plan().mode == "medusa"

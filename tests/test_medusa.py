@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import (
+  oracle_heads,
+  oracle_hydra_heads,
+  permutation_model,
+  random_heads,
+  random_prompts,
+)
 
 from medusa_jax.decode.acceptance import accept
 from medusa_jax.decode.engine import Engine
@@ -22,15 +28,6 @@ from medusa_jax.model.config import preset
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
-
-
-def random_heads(model, config=HeadsConfig(4, 2, False), seed=0, scale=0.05):
-  """Heads with random non-zero weights everywhere (not the identity they start as)."""
-  heads = MedusaHeads.for_model(model, config)
-  graphdef, state = nnx.split(heads)
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(state))))
-  state = jax.tree.map(lambda x: x + scale * jax.random.normal(next(keys), x.shape), state)
-  return nnx.merge(graphdef, state)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +43,12 @@ def tiny_hydra():
   return Engine(model, ByteTokenizer(), heads=heads, max_cache_len=1024)
 
 
-def _prompts(seed, lengths):
-  rng = np.random.default_rng(seed)
-  return [list(rng.integers(3, 500, size=n)) for n in lengths]
-
-
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "vicuna_7b_stage2", "chain3",
                                   ((0,), (1,), (0, 0), (0, 1), (1, 0))])
 @pytest.mark.parametrize("lengths", [[11], [5, 17, 9, 30]])
 def test_greedy_medusa_equals_greedy_baseline(tiny, tree, lengths):
   tiny.set_tree(tree)
-  prompts = _prompts(len(lengths), lengths)
+  prompts = random_prompts(len(lengths), lengths)
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
   med, med_n, steps, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="medusa")
   np.testing.assert_array_equal(med_n, base_n)
@@ -67,7 +59,7 @@ def test_greedy_medusa_equals_greedy_baseline(tiny, tree, lengths):
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", ((0,), (1,), (0, 0), (0, 1), (1, 0))])
 def test_greedy_hydra_equals_greedy_baseline(tiny_hydra, tree):
   tiny_hydra.set_tree(tree)
-  prompts = _prompts(4, [5, 17, 9, 30])
+  prompts = random_prompts(4, [5, 17, 9, 30])
   base, base_n, _, _ = tiny_hydra.generate_ids(prompts, max_new_tokens=48, mode="baseline")
   med, med_n, _, _ = tiny_hydra.generate_ids(prompts, max_new_tokens=48, mode="medusa")
   np.testing.assert_array_equal(med_n, base_n)
@@ -90,49 +82,13 @@ def test_hydra_tree_children_are_the_teacher_forced_heads_top_k(tiny_hydra):
     np.testing.assert_array_equal(tokens[:, n], np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, p[-1]])
 
 
-def _permutation_model(seed=0, vocab=64):
-  """A backbone whose greedy next token is sigma(current token), for a random permutation sigma:
-  one-hot embeddings, zeroed attention and MLP outputs, lm_head = the permutation matrix."""
-  config = dataclasses.replace(preset("tiny"), vocab_size=vocab, hidden_size=vocab,
-                               tie_embeddings=False, eos_token_ids=(vocab - 1,))
-  model = random_model(config, seed=seed)
-  sigma = np.random.default_rng(seed).permutation(vocab)
-  model.embed.embedding[...] = jnp.eye(vocab)
-  model.lm_head.kernel[...] = jnp.eye(vocab)[sigma]  # row x -> one-hot sigma(x)
-  for layer in model.layers:
-    layer.attn.o[...] = jnp.zeros_like(layer.attn.o[...])
-    layer.mlp.down.kernel[...] = jnp.zeros_like(layer.mlp.down.kernel[...])
-  return model, sigma
-
-
-def _oracle_heads(model, sigma, num_heads):
-  """Heads whose top-1 guess is always right: head k maps token x to sigma^(k+2)(x)."""
-  heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, 1, share_lm_head=False))
-  power = sigma.copy()
-  for lm in heads.lm_heads:
-    power = sigma[power]
-    lm.kernel[...] = jnp.eye(len(sigma))[power]
-  return heads
-
-
-def _oracle_hydra_heads(model, num_heads):
-  """Hydra heads whose top-1 guess is always right, sharing the base lm_head (sigma): head k's
-  features are the embedding of the token it reads (input kernel [0; 0; I]), so it predicts that
-  token's successor; only sequential drafting makes such heads right at every depth."""
-  heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, 1, True, "hydra"))
-  e = model.config.hidden_size
-  for linear in heads.inputs:
-    linear.kernel[...] = jnp.concatenate([jnp.zeros((2 * e, e)), jnp.eye(e)])
-  return heads
-
-
 @pytest.mark.parametrize("temperature,head_type", [(0.0, "medusa"), (0.5, "medusa"), (0.0, "hydra")])
 def test_oracle_heads_reach_depth_plus_one_tokens_per_step(temperature, head_type):
-  model, sigma = _permutation_model()
-  heads = _oracle_heads(model, sigma, 4) if head_type == "medusa" else _oracle_hydra_heads(model, 4)
+  model, sigma = permutation_model()
+  heads = oracle_heads(model, sigma, 4) if head_type == "medusa" else oracle_hydra_heads(model, 4)
   engine = Engine(model, ByteTokenizer(), heads=heads, max_cache_len=512)
   engine.eos_ids = jnp.asarray([-1], jnp.int32)  # never stop early
-  prompts = _prompts(7, [6, 13])
+  prompts = random_prompts(7, [6, 13])
   prompts = [[int(t) % 64 for t in p] for p in prompts]
   n = 41
   for tree in ("mc_sim_7b_63", "chain2"):
@@ -156,7 +112,7 @@ def test_cache_after_step_equals_plain_forward():
   plain forward over the same tokens would."""
   model = random_model(preset("tiny"), seed=5)
   engine = Engine(model, ByteTokenizer(), max_cache_len=512)
-  prompts = _prompts(9, [7, 12])
+  prompts = random_prompts(9, [7, 12])
   greedy, _, _, _ = engine.generate_ids(prompts, max_new_tokens=8, mode="baseline")
   tree = get_tree("mc_sim_7b_63")
   d = tree.depth
@@ -175,9 +131,10 @@ def test_cache_after_step_equals_plain_forward():
     _, _, cache = prefill(model, tokens, lens, cache)
     flat = jnp.concatenate([jnp.asarray(greedy[:, :1]), top.reshape(2, -1)], axis=1)
     tree_tokens = flat[:, tree.candidate_index]  # node (d, r): rank r of head d - 1
-    _, logits, node_hidden, cache = tree_forward(model, cache, tree_tokens, tree.arrays(2))
-    path, accepted, last, bonus = accept(tree_tokens, logits, tree, None, jax.random.PRNGKey(0))
-    return *keep_path(tree_tokens, node_hidden, cache, path, accepted, last, bonus)[:3], bonus
+    fwd = tree_forward(model, cache, tree_tokens, tree.arrays(2))
+    accepted = accept(tree_tokens, fwd.logits, tree, None, jax.random.PRNGKey(0))
+    kept = keep_path(tree_tokens, fwd.hidden, fwd.cache, accepted)
+    return kept.emitted, kept.count, kept.cache, accepted.bonus
 
   emitted, n, cache, bonus = run(jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(top))
   np.testing.assert_array_equal(n, [d + 1, d + 1])
@@ -210,7 +167,7 @@ def test_heads_start_as_identity_with_base_lm_head():
 
 def test_typical_sampling_runs_and_counts(tiny):
   tiny.set_tree("mc_sim_7b_63")
-  tokens, counts, steps, _ = tiny.generate_ids(_prompts(3, [9, 4]), max_new_tokens=30,
+  tokens, counts, steps, _ = tiny.generate_ids(random_prompts(3, [9, 4]), max_new_tokens=30,
                                                mode="medusa", temperature=0.8, seed=1)
   assert (counts == 30).all() and (steps <= counts).all()
   assert ((tokens >= 0) & (tokens < 512)).all()
@@ -240,11 +197,12 @@ SAMPLING_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0
 def test_lossless_sampling_draws_from_the_models_distribution(monkeypatch):
   """Tree sampling (Medusa heads, prompt lookup, both) against the exact transitions of a
   Markov-chain model whose most likely next token has ~0.9 of the mass, rows starting from
-  different tokens (`tests/sampling_stats.py`; the baseline passes the same check). It fails for
+  different tokens (`tests/helpers.py`; the baseline passes the same check). It fails for
   typical acceptance (not lossless), an acceptance probability 3% too high, and a step key reused
   every step. Heads guess the most likely tokens k + 2 ahead, so steps accept several tokens."""
+  from helpers import markov_deviation
+
   from medusa_jax.decode import acceptance, speculative
-  from tests.sampling_stats import markov_deviation
 
   vocab, rows, n = 16, 2048, 16
   model = _markov_model(vocab, peak=0.5)

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 DATA = os.path.join(ROOT, "tests", "fixtures", "tiny_chat.json")
 COMMON = [f"data={DATA}", "max_steps=8", "log_every=2", "eval_every=4", "save_every=4",

@@ -8,6 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_heads
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.medusa.heads import HeadsConfig
@@ -15,7 +16,6 @@ from medusa_jax.medusa.tree import get_tree
 from medusa_jax.model.config import preset
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
-from tests.test_medusa import random_heads
 
 pytest.importorskip("onnxruntime")
 
@@ -124,8 +124,9 @@ def test_embedded_model_onnx_decoding_equals_jax(tmp_path):
   import subprocess
   import sys
 
+  from helpers import ROOT
+
   import medusa_jax
-  from tests.test_benchmark import ROOT
 
   out = tmp_path / "onnx"
   subprocess.run([sys.executable, f"{ROOT}/infer/export_onnx.py", "--out", str(out)], check=True,

@@ -7,53 +7,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
+from helpers import start_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from medusa_jax.errors import MedusaError
+
 MODEL = "random:tiny"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _start(tmp_path, *flags: str, env: dict | None = None):
-  port = _free_port()
-  log = open(tmp_path / f"server-{port}.log", "w")
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer", "serve.py"), "--port", str(port), *flags],
-                          stdout=log, stderr=subprocess.STDOUT, env=env)
-  base = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()[-3000:]
-    try:
-      health = httpx.get(f"{base}/health", timeout=2)
-    except httpx.HTTPError:
-      health = None
-    if health is not None and health.status_code == 200:
-      return proc, base
-    if health is not None and health.status_code == 500:
-      proc.kill()
-      raise AssertionError(health.text)
-    time.sleep(0.5)
-  proc.kill()
-  raise AssertionError("the server did not become healthy")
 
 
 @pytest.fixture(scope="module")
 def heads_dir(tmp_path_factory):
-  from test_medusa import random_heads
+  from helpers import random_heads
 
   from medusa_jax.formats import medusa as medusa_format
   from medusa_jax.medusa.heads import HeadsConfig
@@ -73,7 +42,7 @@ def heads_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, heads_dir):
-  proc, base = _start(tmp_path_factory.mktemp("log"), "--model", MODEL, "--heads", heads_dir,
+  proc, base = start_server(tmp_path_factory.mktemp("log"), "--model", MODEL, "--heads", heads_dir,
                       "--max-batch", "4", "--max-context", "256")
   yield base
   proc.send_signal(signal.SIGTERM)
@@ -100,7 +69,8 @@ def _chat(client, content, **kw):
 
 def test_models_and_health(server, client):
   assert [m.id for m in client.models.list().data] == [MODEL]
-  assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+  health = httpx.get(f"{server}/health").json()
+  assert health["status"] == "ok" and health["compiled"]["programs"] <= health["compiled"]["total"]
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -228,7 +198,7 @@ def test_full_queue_answers_429_and_sigterm_finishes_in_flight(tmp_path):
 
   import medusa_jax
 
-  proc, base = _start(tmp_path, "--model", MODEL, "--draft-model", "self:1", "--draft-tokens", "2",
+  proc, base = start_server(tmp_path, "--model", MODEL, "--draft-model", "self:1", "--draft-tokens", "2",
                       "--max-batch", "1", "--max-queue", "1", "--max-context", "256", "--chunk-steps", "1")
   body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 150,
           "temperature": 0, "ignore_eos": True}
@@ -266,7 +236,7 @@ def test_embedded_model_with_shipped_heads(tmp_path):
 
   import medusa_jax
 
-  proc, base = _start(tmp_path, "--max-batch", "2", "--max-context", "256")
+  proc, base = start_server(tmp_path, "--max-batch", "2", "--max-context", "256")
   try:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     engine = medusa_jax.load()
@@ -282,6 +252,30 @@ def test_embedded_model_with_shipped_heads(tmp_path):
     proc.wait(timeout=60)
 
 
+@pytest.mark.parametrize("settings,size", [({}, 67), (dict(mode="medusa", lookup=0), 64),
+                                           (dict(mode="medusa", lookup=5, min_ngram=0), 69),
+                                           (dict(mode="lookup", lookup=6), 7), (dict(mode="lookup", draft_tokens=2), 3),
+                                           (dict(mode="draft", draft_tokens=3), 4), (dict(mode="baseline"), 0)])
+def test_the_server_drafts_as_generate_does(engine, settings, size):
+  """One resolution of drafting: for the same settings the scheduler and `Engine.generate_ids`
+  run the same drafter (by default the heads' 63-node tree with their directory's 3-token lookup
+  chain; prompt lookup of `lookup` tokens, else `draft_tokens`; the draft model's chain), and the
+  server refuses what it does not serve with a one-line error."""
+  from medusa_jax.decode.config import GenerationConfig
+  from medusa_jax.serve.scheduler import Scheduler
+
+  engine.set_draft_model("self:1")
+  try:
+    config = GenerationConfig(**settings)
+    plan, served = engine.plan(config), Scheduler(engine.loaded, config, max_batch=2, max_context=256)
+    assert served.mode == plan.mode == settings.get("mode", "medusa")
+    assert served.drafter == plan.drafter and plan.tree_size == size
+  finally:
+    engine.set_draft_model(None)
+  with pytest.raises(MedusaError, match="mode 'beam' is not available here"):
+    Scheduler(engine.loaded, GenerationConfig(mode="beam"))
+
+
 def test_chunk_choice_follows_greedy_and_sampling_rows(engine):
   """The scheduler's choice per chunk (no device work): plain, the heads' top guess, their tree,
   or their tree with the lookup chain. Tokens per step are kept per choice and apart for greedy
@@ -291,7 +285,7 @@ def test_chunk_choice_follows_greedy_and_sampling_rows(engine):
   (a pause counting as twice the average at most)."""
   from medusa_jax.serve.scheduler import Request, Scheduler
 
-  s = Scheduler(engine, max_batch=4, max_context=1024)
+  s = Scheduler(engine.loaded, max_batch=4, max_context=1024)
   assert s.names == ("plain", "tree2", "tree64", "tree67")  # MC_SIM_7B_63's 63 nodes and a 3-token chain
   cost = (0.010, 0.012, 0.020, 0.021)
   s.step_seconds = {(b, c, span): cost[c] for b in s.buckets for c in range(4) for span in s.spans}
@@ -334,3 +328,39 @@ def test_chunk_choice_follows_greedy_and_sampling_rows(engine):
     for longer in s.spans:
       s._observe_time((1, 0, longer), 0.03)
   assert s._choose(1)[0] == 1 and s._exploration[1].every == 32
+
+
+def test_plain_serving_starts_before_the_drafting_programs_compile(engine):
+  """Start-up compiles plain decoding first and serves it at once; the drafting programs compile
+  afterwards and join the choices. Greedy answers equal `Engine.generate_ids` before and after,
+  and once they are compiled, drafting chunks run."""
+  import threading
+
+  from medusa_jax.serve.scheduler import Request, Scheduler
+
+  lines = []
+  s = Scheduler(engine.loaded, max_batch=2, max_context=256, log=lines.append)
+  s.start(compile_rest=False)
+  prompts = [[5, 9, 11, 5, 9, 12, 40], [7, 3, 3, 8, 1, 9, 4, 4, 2, 30, 31]]
+  want = engine.generate_ids(prompts, max_new_tokens=20, mode="baseline")
+
+  def serve():
+    done = [threading.Event() for _ in prompts]
+    requests = [Request(p, 20, on_event=lambda _, end, e=e: end and e.set()) for p, e in zip(prompts, done)]
+    for r in requests:
+      s.submit(r)
+    assert all(e.wait(120) for e in done)
+    for r, row, n in zip(requests, want.tokens, want.num_tokens):
+      assert r.token_ids == list(row[:n])
+
+  try:
+    serve()
+    assert s.compiled["choices"] == ["plain"] and s.compiled["programs"] < s.compiled["total"]
+    assert s.metrics.chunks.labels("plain")._value.get() > 0 and not s.metrics.chunks.labels(s.names[-1])._value.get()
+    s.compile_rest()
+    assert s.compiled["programs"] == s.compiled["total"] and s.compiled["choices"] == list(s.names)
+    serve()
+    assert s.metrics.chunks.labels(s.names[-1])._value.get() > 0  # new programs are measured on first use
+    assert lines[0].startswith("compiling plain") and lines[-1].startswith(f"all {s.compiled['total']} programs")
+  finally:
+    s.shutdown(timeout=5)

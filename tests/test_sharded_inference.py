@@ -12,8 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _run(script: str, devices: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -29,7 +28,7 @@ def _run(script: str, devices: int, *args: str, check: bool = True) -> subproces
 TINY_MESHES = r"""
 import dataclasses, json, sys
 import jax, numpy as np
-from test_medusa import random_heads, _prompts
+from helpers import random_heads, random_prompts
 from medusa_jax.decode.engine import Engine
 from medusa_jax.medusa.heads import HeadsConfig
 from medusa_jax.model.config import preset
@@ -40,7 +39,7 @@ from medusa_jax.weights.specs import random_model
 assert len(jax.devices()) == 8
 config = dataclasses.replace(preset("tiny"), num_kv_heads=4)  # 4 query and 4 kv heads: tensor=4 divides
 model = random_model(config, seed=3)
-prompts = _prompts(1, [5, 17, 9, 30])
+prompts = random_prompts(1, [5, 17, 9, 30])
 out = {}
 for head_type in ("medusa", "hydra"):
   heads = random_heads(model, HeadsConfig(4, 1, True, head_type), scale=0.3)
@@ -114,8 +113,7 @@ def test_server_on_a_tensor_mesh_answers_like_one_device(tmp_path):
   import signal
 
   import openai
-  from test_medusa import random_heads
-  from test_serve import _start
+  from helpers import random_heads, start_server
 
   import medusa_jax
   from medusa_jax.formats import medusa as medusa_format
@@ -128,7 +126,7 @@ def test_server_on_a_tensor_mesh_answers_like_one_device(tmp_path):
   medusa_format.write(heads, random_heads(base, HeadsConfig(4, 1, True, "hydra"), scale=0.3), base,
                       base_model="random:tiny", lm_head_copies=False)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  proc, url = _start(tmp_path, "--model", "random:tiny", "--heads", heads, "--max-batch", "2",
+  proc, url = start_server(tmp_path, "--model", "random:tiny", "--heads", heads, "--max-batch", "2",
                      "--max-context", "128", "--mesh", "tensor=2", env=env)
   try:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

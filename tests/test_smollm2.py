@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT_PROMPTS
+from helpers import CHAT_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_greedy_64_tokens_identical_to_transformers(smollm2, smollm2_torch):
 def test_medusa_greedy_identical_on_real_model(smollm2):
   """Greedy Medusa on SmolLM2 with random non-zero heads over the 63-node tree equals greedy
   baseline, a batch of 4 (batch 1 and other trees: the tiny models' tests)."""
-  from test_medusa import random_heads
+  from helpers import random_heads
 
   from medusa_jax.decode.engine import Engine
   from medusa_jax.medusa.heads import HeadsConfig
@@ -60,7 +60,7 @@ def test_shipped_heads_are_lossless_and_accept_several_tokens(smollm2):
   as)."""
   from medusa_jax.weights.specs import default_heads
 
-  assert default_heads("smollm2-135m-instruct") and smollm2.resolve_mode("auto") == "medusa"
+  assert default_heads("smollm2-135m-instruct") and smollm2.plan().mode == "medusa"
   prompts = [smollm2.encode(p) for p in CHAT_PROMPTS + ["What is 12 times 7? Answer step by step."]]
   base, base_n, _, _ = smollm2.generate_ids(prompts, max_new_tokens=64, mode="baseline")
   med, med_n, steps, _ = smollm2.generate_ids(prompts, max_new_tokens=64, mode="medusa")

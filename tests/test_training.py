@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_medusa import random_heads
+from helpers import ROOT, random_heads
 
 from medusa_jax import MedusaError
 from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads, head_targets
@@ -35,7 +35,6 @@ from medusa_jax.training.targets import (
 )
 from medusa_jax.weights.specs import random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from medusa_jax.cli.common import main_guard, quiet_logs
+from medusa_jax.cli.common import add_model_flags, main_guard, quiet_logs
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -26,7 +26,7 @@ PROMPTS = [
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="smollm2-135m-instruct")
+  add_model_flags(p, heads=False, tree=False, draft_vocab=False, dtype=False)
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--prompts", type=int, default=3, help="how many of the built-in prompts")
   p.add_argument("--no-torch", action="store_true", help="skip the transformers reference")

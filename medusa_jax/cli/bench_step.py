@@ -20,6 +20,7 @@ import json
 
 from medusa_jax.cli.common import (
   add_mesh_flag,
+  add_model_flags,
   main_guard,
   quiet_logs,
   require_positive,
@@ -42,9 +43,9 @@ def _tree(spec: str, num_heads: int, vocab_size: int):
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="random:llama3-8b")
-  p.add_argument("--heads", default="random", help="'random' or a heads directory")
-  p.add_argument("--dtype", default="bfloat16")
+  add_model_flags(p, model_default="random:llama3-8b", heads_default="random",
+                  heads_help="'random' or a heads directory", tree=False, draft_vocab=False,
+                  dtype_default="bfloat16")
   p.add_argument("--trees", nargs="+", default=["0", "4", "16", "63"],
                  help="0: plain step; N: the first N paths of mc_sim_7b_63; or a tree name / JSON file")
   p.add_argument("--batch", nargs="+", type=int, default=[1])

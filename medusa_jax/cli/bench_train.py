@@ -2,8 +2,8 @@
 warm-up, on synthetic full-length rows (every position labelled). Same config and `key=value`
 overrides as train/train_heads.py:
 
-    python infer/bench_train.py configs/llama3-8b.yaml mesh.data=1 mesh.fsdp=1 mesh.tensor=1 batch_size=4 --steps 5
-    python infer/bench_train.py configs/tiny.yaml method=medusa2 --steps 10
+    python train/bench_train.py configs/llama3-8b.yaml mesh.data=1 mesh.fsdp=1 mesh.tensor=1 batch_size=4 --steps 5
+    python train/bench_train.py configs/tiny.yaml method=medusa2 --steps 10
 
 FLOPs per token: a matmul costs 2 x its weights forward and 4 x backward (input and weight
 gradients; 2 x for a frozen weight whose input needs a gradient); attention 4 x layers x seq x

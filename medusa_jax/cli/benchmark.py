@@ -34,6 +34,7 @@ from medusa_jax.cli.common import (
   add_draft_model_flag,
   add_generation_flags,
   add_mesh_flag,
+  add_model_flags,
   check_output_paths,
   generation_config,
   main_guard,
@@ -43,8 +44,6 @@ from medusa_jax.cli.common import (
   save_figure,
 )
 from medusa_jax.errors import MedusaError
-from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
-from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 VARIANTS = ("medusa", "heads", "lookup", "hybrid", "draft")
 KEYS = ("mean_accepted_tokens", "baseline_tokens_per_second", "medusa_tokens_per_second", "speedup",
@@ -74,12 +73,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--prompts", required=True)
-  p.add_argument("--model", default=EMBEDDED_MODEL)
-  p.add_argument("--heads", default="default")
-  p.add_argument("--tree", default=None, help="as infer/generate.py's (default: the heads' tree.json)")
-  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
-                 help="the heads guess among the N most frequent answer tokens in their "
-                      "draft_vocab.json (0: the whole vocabulary)")
+  add_model_flags(p, heads_help="Medusa heads directory; 'default' = shipped heads of the embedded model")
   p.add_argument("--max-prompts", type=int, default=None)
   p.add_argument("--categories", nargs="+", default=None,
                  help="only the prompts of these categories (e.g. extract rewrite summarize)")
@@ -90,7 +84,6 @@ def main(argv=None):
   add_generation_flags(p)
   add_mesh_flag(p)
   add_draft_model_flag(p)
-  p.add_argument("--dtype", default="float32")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--plot", default=None, help="PNG: tokens per step and speedup per category")
   p.add_argument("--heads-accuracy", action="store_true",
@@ -133,9 +126,8 @@ def main(argv=None):
                            draft_model=args.draft_model)
   config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
   variants = {m: _variant(config, m, engine.lookup) for m in args.modes}
-  needed = {c.mode for c in variants.values()} | ({"medusa"} if args.heads_accuracy else set())
-  for mode in needed:
-    engine.resolve_mode(mode)  # a clear error when the heads or the draft model are missing
+  for c in [*variants.values(), *([config.replace(mode="medusa")] if args.heads_accuracy else [])]:
+    engine.plan(c)  # a clear error when the heads or the draft model are missing
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:

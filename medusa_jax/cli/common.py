@@ -1,9 +1,13 @@
-"""Shared command-line plumbing: one-line errors instead of tracebacks, quiet logs, the flags of
-`GenerationConfig` (one definition for every tool that generates)."""
+"""Shared command-line plumbing: one-line errors instead of tracebacks, quiet logs, the model flags
+and the flags of `GenerationConfig` (one definition for every tool).
+
+Light on purpose, like each tool's module: nothing here imports JAX, so `--help` and argument errors
+come back at once; the tools import JAX and the model code inside `main`, after parsing."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -11,8 +15,15 @@ import sys
 from medusa_jax.atomic import atomic_file
 from medusa_jax.decode.config import ACCEPTANCES, GenerationConfig
 from medusa_jax.errors import MedusaError
+from medusa_jax.medusa import DRAFT_VOCAB_SIZE
+from medusa_jax.weights import DTYPES, EMBEDDED_MODEL
 
-_DEFAULTS = GenerationConfig()
+MODEL_HELP = f"{EMBEDDED_MODEL}, a .gguf file, a HF directory, or random:<preset>"
+HEADS_HELP = "Medusa heads directory; 'default' = shipped heads of the embedded model; 'none'"
+TREE_HELP = ("tree name (mc_sim_7b_63, vicuna_7b_stage2, chain1..5), a JSON list of paths, or a .json "
+             "file of them (default: the heads' tree.json)")
+DRAFT_VOCAB_HELP = ("the heads guess among the N most frequent answer tokens in their "
+                    "draft_vocab.json (0: the whole vocabulary)")
 
 
 def quiet_logs() -> None:
@@ -61,54 +72,92 @@ def save_figure(fig, path: str) -> None:
     fig.savefig(tmp, dpi=100)
 
 
+def add_model_flags(p: argparse.ArgumentParser, *, model_default: str = EMBEDDED_MODEL,
+                    heads: bool = True, heads_default: str | None = "default", heads_help: str = HEADS_HELP,
+                    tree: bool = True, draft_vocab: bool = True, draft_vocab_help: str = DRAFT_VOCAB_HELP,
+                    dtype: bool = True, dtype_default: str = "float32", dtype_choices=DTYPES,
+                    dtype_help: str | None = None) -> None:
+  """What to load: `--model` (a model spec), and unless turned off `--heads`, `--tree`,
+  `--draft-vocab` and `--dtype` (`medusa_jax.load`'s arguments of those names), with this tool's
+  defaults."""
+  p.add_argument("--model", default=model_default, help=MODEL_HELP)
+  if heads:
+    p.add_argument("--heads", default=heads_default, help=heads_help)
+  if tree:
+    p.add_argument("--tree", default=None, help=TREE_HELP)
+  if draft_vocab:
+    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB_SIZE, help=draft_vocab_help)
+  if dtype:
+    p.add_argument("--dtype", default=dtype_default, choices=list(dtype_choices), help=dtype_help)
+
+
+# The help of each `GenerationConfig` setting's flag (`max_new_tokens`: `--max-new-tokens`).
+GENERATION_HELP = {
+    "temperature": "0 = greedy",
+    "acceptance": "Medusa at temperature > 0: lossless (the baseline's distribution) or typical "
+                  "(Medusa's typical acceptance: more tokens per step, not lossless)",
+    "posterior_threshold": "typical acceptance epsilon",
+    "posterior_alpha": "typical acceptance delta",
+    "draft_tokens": "--mode lookup and draft: tokens proposed per step",
+    "draft_tree": "--mode draft: a tree of the draft model's top-k tokens instead of a chain (a tree "
+                  "name or a JSON list of paths, whose ranks are the draft's)",
+    "ngram": "prompt lookup matches the last N..1 tokens",
+    "min_ngram": "graft the lookup chain only on steps where the last N or more tokens occurred "
+                 "before (0: on every step)",
+    "lookup": "--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree (0: the "
+              "heads alone; default: the heads' tree.json, else 0)",
+    "num_beams": "--mode beam: beam width",
+    "length_penalty": "--mode beam: hypotheses score log-probability / length ** this",
+    "early_stopping": "--mode beam: stop once num_beams hypotheses finished (true), when the running "
+                      "beams cannot beat them at their current length (false) or ever (never)",
+    "num_return_sequences": "--mode beam: answers per prompt, best first",
+    "beam_heads": "--mode beam: every beam drafts the heads' tree, one forward verifies them all "
+                  "(speculative beam search: the same answers in fewer forwards)",
+    "draft_beams": "--mode medusa: build the tree each step from a beam search of this width over the "
+                   "heads (0: the static tree)",
+    "draft_depth": "with --draft-beams: its depth (default: every head)",
+    "tree_budget": "with --draft-beams: the tree's nodes, the root included (default: width x depth + 1)",
+}
+# Settings whose flag is not `type=` its annotation (a bool: `store_true`): argparse keywords, and
+# the flag's text -> the setting's value.
+_EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+_FLAG_KEYWORDS = {
+    "acceptance": dict(choices=ACCEPTANCES),
+    "early_stopping": dict(choices=list(_EARLY_STOPPING),
+                           default=str(GenerationConfig.early_stopping).lower()),
+}
+_FROM_FLAG = {"early_stopping": _EARLY_STOPPING.__getitem__}
+_NOT_FLAGS = ("mode",)  # each tool declares `--mode`, with the modes it runs
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _generation_fields() -> list[dataclasses.Field]:
+  """The `GenerationConfig` fields that are flags of `add_generation_flags`."""
+  return [f for f in dataclasses.fields(GenerationConfig) if f.name not in _NOT_FLAGS]
+
+
+def _flag_keywords(f: dataclasses.Field) -> dict:
+  """How argparse reads the flag of field `f`: `type=` its annotation's first type (`int | None`:
+  int), `store_true` for a bool that defaults to False, or its `_FLAG_KEYWORDS`."""
+  if f.name in _FLAG_KEYWORDS:
+    return _FLAG_KEYWORDS[f.name]
+  kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+  kind = kind.split(" | ")[0]
+  if kind == "bool" and f.default is False:
+    return dict(action="store_true")
+  if kind not in _TYPES:
+    raise TypeError(f"GenerationConfig.{f.name}: no flag for {f.type!r}; add it to _FLAG_KEYWORDS")
+  return dict(type=_TYPES[kind])
+
+
 def add_generation_flags(p: argparse.ArgumentParser, *, max_new_tokens: int | None = None) -> None:
-  """`GenerationConfig`'s settings as flags, with its defaults: `--max-new-tokens`, `--temperature`,
-  `--top-p`, `--acceptance`, `--posterior-threshold`, `--posterior-alpha`, `--seed`,
-  `--draft-tokens`, `--draft-tree`, `--ngram`, `--min-ngram`, `--lookup`, `--num-beams`,
-  `--length-penalty`, `--early-stopping`, `--num-return-sequences`, `--beam-heads`, `--draft-beams`,
-  `--draft-depth`, `--tree-budget`."""
-  p.add_argument("--max-new-tokens", type=int, default=max_new_tokens or _DEFAULTS.max_new_tokens)
-  p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
-  p.add_argument("--acceptance", choices=ACCEPTANCES, default=_DEFAULTS.acceptance,
-                 help="Medusa at temperature > 0: lossless (the baseline's distribution) or "
-                      "typical (Medusa's typical acceptance: more tokens per step, not lossless)")
-  p.add_argument("--posterior-threshold", type=float, default=_DEFAULTS.posterior_threshold,
-                 help="typical acceptance epsilon")
-  p.add_argument("--posterior-alpha", type=float, default=_DEFAULTS.posterior_alpha,
-                 help="typical acceptance delta")
-  p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-  p.add_argument("--draft-tokens", type=int, default=_DEFAULTS.draft_tokens,
-                 help="--mode lookup and draft: tokens proposed per step")
-  p.add_argument("--draft-tree", default=None,
-                 help="--mode draft: a tree of the draft model's top-k tokens instead of a chain (a "
-                      "tree name or a JSON list of paths, whose ranks are the draft's)")
-  p.add_argument("--ngram", type=int, default=_DEFAULTS.ngram,
-                 help="prompt lookup matches the last N..1 tokens")
-  p.add_argument("--min-ngram", type=int, default=_DEFAULTS.min_ngram,
-                 help="graft the lookup chain only on steps where the last N or more tokens occurred "
-                      "before (0: on every step)")
-  p.add_argument("--lookup", type=int, default=_DEFAULTS.lookup,
-                 help="--mode medusa: graft a prompt-lookup chain of this many tokens onto the tree "
-                      "(0: the heads alone; default: the heads' tree.json, else 0)")
-  p.add_argument("--num-beams", type=int, default=_DEFAULTS.num_beams, help="--mode beam: beam width")
-  p.add_argument("--length-penalty", type=float, default=_DEFAULTS.length_penalty,
-                 help="--mode beam: hypotheses score log-probability / length ** this")
-  p.add_argument("--early-stopping", choices=["false", "true", "never"], default="false",
-                 help="--mode beam: stop once num_beams hypotheses finished (true), when the running "
-                      "beams cannot beat them at their current length (false) or ever (never)")
-  p.add_argument("--num-return-sequences", type=int, default=_DEFAULTS.num_return_sequences,
-                 help="--mode beam: answers per prompt, best first")
-  p.add_argument("--beam-heads", action="store_true",
-                 help="--mode beam: every beam drafts the heads' tree, one forward verifies them all "
-                      "(speculative beam search: the same answers in fewer forwards)")
-  p.add_argument("--draft-beams", type=int, default=_DEFAULTS.draft_beams,
-                 help="--mode medusa: build the tree each step from a beam search of this width over "
-                      "the heads (0: the static tree)")
-  p.add_argument("--draft-depth", type=int, default=_DEFAULTS.draft_depth,
-                 help="with --draft-beams: its depth (default: every head)")
-  p.add_argument("--tree-budget", type=int, default=_DEFAULTS.tree_budget,
-                 help="with --draft-beams: the tree's nodes, the root included (default: width x depth + 1)")
+  """`GenerationConfig`'s settings (all but `mode`) as flags, with its defaults: `max_new_tokens` is
+  `--max-new-tokens` (default `max_new_tokens` when given), help from `GENERATION_HELP`."""
+  for f in _generation_fields():
+    kw = dict(default=f.default, help=GENERATION_HELP.get(f.name)) | _flag_keywords(f)
+    if f.name == "max_new_tokens" and max_new_tokens:
+      kw["default"] = max_new_tokens
+    p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -128,17 +177,10 @@ def add_draft_model_flag(p: argparse.ArgumentParser) -> None:
 
 def generation_config(args, **changes) -> GenerationConfig:
   """The `GenerationConfig` of parsed `add_generation_flags` flags (plus `changes`)."""
-  return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, acceptance=args.acceptance,
-                          posterior_threshold=args.posterior_threshold,
-                          posterior_alpha=args.posterior_alpha, seed=args.seed,
-                          draft_tokens=args.draft_tokens, draft_tree=args.draft_tree, ngram=args.ngram,
-                          min_ngram=args.min_ngram, lookup=args.lookup, num_beams=args.num_beams,
-                          length_penalty=args.length_penalty,
-                          early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),
-                          num_return_sequences=args.num_return_sequences, beam_heads=args.beam_heads,
-                          draft_beams=args.draft_beams, draft_depth=args.draft_depth,
-                          tree_budget=args.tree_budget).replace(**changes)
+  values = {f.name: getattr(args, f.name) for f in _generation_fields()}
+  for name, convert in _FROM_FLAG.items():
+    values[name] = convert(values[name])
+  return GenerationConfig(**values).replace(**changes)
 
 
 def main_guard(fn):

@@ -18,10 +18,13 @@ import json
 import os
 
 from medusa_jax.atomic import write_text
-from medusa_jax.cli.common import main_guard, quiet_logs, require_positive
+from medusa_jax.cli.common import (
+  add_model_flags,
+  main_guard,
+  quiet_logs,
+  require_positive,
+)
 from medusa_jax.errors import MedusaError
-from medusa_jax.training.data import load_conversations, read_objects, split
-from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 
 def interleave(groups):
@@ -83,6 +86,8 @@ def _by_length(todo, batch_size, window_batches=16):
 
 def _read_done(path):
   """The conversations an earlier run wrote to `path` (none if it does not exist yet)."""
+  from medusa_jax.training.data import read_objects
+
   if not os.path.exists(path):
     return []
   return read_objects(path, "id", f"cannot resume from {path}")
@@ -91,7 +96,7 @@ def _read_done(path):
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default=EMBEDDED_MODEL)
+  add_model_flags(p, heads=False, tree=False, draft_vocab=False)
   p.add_argument("--prompts", nargs="+", required=True, help="prompt files (any format of medusa_jax.training.data)")
   p.add_argument("--out", required=True)
   p.add_argument("--max-prompts", type=int, default=None, help="per prompt file")
@@ -99,7 +104,6 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--eval-fraction", type=float, default=0.05)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default="float32")
   p.add_argument("--max-prompt-tokens", type=int, default=512,
                  help="skip longer prompts (a training sequence of seq_len tokens would cut their answer)")
   p.add_argument("--exclude", nargs="*", default=[],
@@ -109,6 +113,7 @@ def main(argv=None):
   from tqdm import tqdm
 
   import medusa_jax
+  from medusa_jax.training.data import load_conversations, split
 
   require_positive(args, "max_prompts", "max_new_tokens", "batch_size", "max_prompt_tokens")
   if not 0 <= args.eval_fraction < 1:

@@ -26,6 +26,7 @@ import re
 from medusa_jax.atomic import write_json
 from medusa_jax.cli.common import (
   add_mesh_flag,
+  add_model_flags,
   check_output_paths,
   main_guard,
   plot_figure,
@@ -34,11 +35,8 @@ from medusa_jax.cli.common import (
   save_figure,
 )
 from medusa_jax.errors import MedusaError
-from medusa_jax.medusa.draft_vocab import DEFAULT_SIZE
-from medusa_jax.weights.specs import EMBEDDED_MODEL
 
 _STRATEGY = re.compile(r"^(greedy|medusa|heads|lookup)$|^(spec-)?beam:(\d+)$|^medusa-beam:(\d+)x(\d+)(?:@(\d+))?$")
-METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 def strategy_settings(name: str) -> dict:
@@ -62,13 +60,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="JSONL of prompt + reference(s), or a shared reference set")
   p.add_argument("--strategies", nargs="+", default=["greedy", "medusa"])
-  p.add_argument("--model", default=EMBEDDED_MODEL)
-  p.add_argument("--heads", default="default")
-  p.add_argument("--tree", default=None, help="as infer/generate.py's (default: the heads' tree.json)")
-  p.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE)
+  add_model_flags(p)
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--max-prompts", type=int, default=None)
-  p.add_argument("--dtype", default="float32")
   add_mesh_flag(p)
   p.add_argument("--out", required=True, help="JSON: metrics per strategy and every output")
   p.add_argument("--plot", default=None, help="PNG/PDF/SVG: quality and RTF per strategy")
@@ -86,7 +80,7 @@ def main(argv=None):
   engine = medusa_jax.load(args.model, heads=None if args.heads == "none" else args.heads, tree=args.tree,
                            dtype=args.dtype, draft_vocab=args.draft_vocab, mesh=args.mesh)
   for s in settings.values():
-    engine.resolve_mode(s["mode"])  # a clear error before any work (e.g. medusa without heads)
+    engine.plan(**s)  # a clear error before any work (e.g. medusa without heads)
   totals = {s: dict(seconds=0.0, tokens=0, steps=0) for s in strategies}
   outputs = {s: [] for s in strategies}
   warm = set()

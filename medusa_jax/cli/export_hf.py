@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import argparse
 
-from medusa_jax.cli.common import main_guard, quiet_logs
+from medusa_jax.cli.common import add_model_flags, main_guard, quiet_logs
 from medusa_jax.errors import MedusaError
-from medusa_jax.formats.layout import FORMATS, export, read_heads
-from medusa_jax.medusa import draft_vocab
-from medusa_jax.weights import specs
+from medusa_jax.formats import FORMATS
 
 
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--heads", default=None, help="heads directory or 'default' (the shipped Medusa-type "
-                                                "heads; not needed for hf-llama)")
-  p.add_argument("--model", default=specs.EMBEDDED_MODEL)
+  add_model_flags(p, heads_default=None, tree=False, dtype=False,
+                  heads_help="heads directory or 'default' (the shipped Medusa-type heads; not needed "
+                             "for hf-llama)",
+                  draft_vocab_help="the heads draft from the N most frequent ids of their "
+                                   "draft_vocab.json: vllm's token_map; medusa: lm_head rows outside "
+                                   "them are zero (and a draft_vocab.json beside them); 0: the whole "
+                                   "vocabulary")
   p.add_argument("--format", required=True, choices=FORMATS)
   p.add_argument("--out", required=True)
   p.add_argument("--force", action="store_true")
-  p.add_argument("--draft-vocab", type=int, default=draft_vocab.DEFAULT_SIZE,
-                 help="the heads draft from the N most frequent ids of their draft_vocab.json: vllm's "
-                      "token_map; medusa: lm_head rows outside them are zero (and a draft_vocab.json "
-                      "beside them); 0: the whole vocabulary")
   args = p.parse_args(argv)
   quiet_logs()
+  from medusa_jax.formats.layout import export, read_heads
+  from medusa_jax.medusa import draft_vocab
+  from medusa_jax.weights import specs
+
   loaded = specs.load(args.model)
   heads_path = specs.default_heads(args.model, medusa_type=True) if args.heads == "default" else args.heads
   if args.heads == "default" and heads_path is None:

@@ -15,30 +15,27 @@ import argparse
 import os
 import time
 
-from medusa_jax.cli.common import main_guard, quiet_logs
+from medusa_jax.cli.common import add_model_flags, main_guard, quiet_logs
 from medusa_jax.errors import MedusaError
-from medusa_jax.medusa import draft_vocab
 from medusa_jax.onnx.export import DTYPES
-from medusa_jax.weights import specs
 
 
 @main_guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default=specs.EMBEDDED_MODEL)
-  p.add_argument("--heads", default="default",
-                 help="Medusa heads directory, 'default' (the embedded model's Medusa-type heads) or 'none'")
+  add_model_flags(p, tree=False, dtype_choices=sorted(DTYPES), dtype_help="how the weights are stored",
+                  heads_help="Medusa heads directory, 'default' (the embedded model's Medusa-type heads) "
+                             "or 'none'")
   p.add_argument("--out", required=True)
-  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="how the weights are stored")
-  p.add_argument("--draft-vocab", type=int, default=draft_vocab.DEFAULT_SIZE,
-                 help="the heads draft from the N most frequent ids of their draft_vocab.json (0: all)")
   p.add_argument("--force", action="store_true")
   args = p.parse_args(argv)
   quiet_logs()
   from medusa_jax.formats.layout import read_heads
+  from medusa_jax.medusa import draft_vocab
   from medusa_jax.medusa.draft_vocab import DraftVocab
   from medusa_jax.medusa.tree import default_tree, get_tree
   from medusa_jax.onnx.export import export_onnx
+  from medusa_jax.weights import specs
 
   start = time.perf_counter()
   loaded = specs.load(args.model)
@@ -49,7 +46,7 @@ def main(argv=None):
   heads = tree = draft = None
   if heads_path:
     heads = read_heads(heads_path, loaded.model)
-    tree = get_tree(default_tree(heads_path, heads.config.num_heads), num_heads=heads.config.num_heads)
+    tree = get_tree(default_tree(heads_path, heads.config.num_heads).paths, num_heads=heads.config.num_heads)
     ids = draft_vocab.read(heads_path, args.draft_vocab)
     draft = None if ids is None else DraftVocab.build(loaded.model, heads, ids, tree.topk)
   config = loaded.model.config

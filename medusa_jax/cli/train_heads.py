@@ -23,14 +23,6 @@ import sys
 
 from medusa_jax.cli.common import main_guard, quiet_logs
 from medusa_jax.errors import MedusaError
-from medusa_jax.formats import medusa as medusa_format
-from medusa_jax.formats.layout import read_heads
-from medusa_jax.medusa import draft_vocab
-from medusa_jax.training import distributed
-from medusa_jax.training.checkpoints import trained_model
-from medusa_jax.training.config import load_config
-from medusa_jax.training.loop import prepare_data, train
-from medusa_jax.weights import hf, specs
 
 
 @main_guard
@@ -41,6 +33,15 @@ def main(argv=None):
     return
   quiet_logs()
   argv, processes = _process_flags(argv)
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.formats.layout import read_heads
+  from medusa_jax.medusa import draft_vocab
+  from medusa_jax.training import distributed
+  from medusa_jax.training.checkpoints import trained_model
+  from medusa_jax.training.config import load_config
+  from medusa_jax.training.loop import prepare_data, train
+  from medusa_jax.weights import hf, specs
+
   distributed.initialize(**processes)
   path, overrides = (argv[0], argv[1:]) if argv and not argv[0].count("=") else (None, argv)
   cfg = load_config(path, overrides)

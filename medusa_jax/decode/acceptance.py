@@ -1,5 +1,6 @@
 """The acceptance rule: which candidate path of the tree the base model keeps, and the token it
-adds after the path (the bonus token). Three rules, chosen by a static `rule`:
+adds after the path (the bonus token). Three rules, chosen by the kind of `rule` (its settings are
+device arrays, so new values never recompile):
 
 - `None`, greedy (temperature 0): node i (token `tokens[i]`, parent `parents[i]`) is acceptable
   when `tokens[i] == argmax(logits[parent])`; lossless: the output equals plain greedy decoding.
@@ -28,27 +29,30 @@ lossless sampling accepts at most one child per node, so it has no ties).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from medusa_jax.decode.sampling import SamplingParams, sample, sampling_logits
+from medusa_jax.decode.sampling import SamplingParams, per_row, sample, sampling_logits
 from medusa_jax.medusa.tree import Tree, TreeArrays
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TypicalParams:
-  """Typical acceptance settings (a static jit argument; defaults in `GenerationConfig`)."""
+  """Typical acceptance settings, each `[batch]` or a scalar (defaults in `GenerationConfig`)."""
 
-  temperature: float
-  posterior_threshold: float  # epsilon
-  posterior_alpha: float      # delta
+  temperature: jax.Array
+  posterior_threshold: jax.Array  # epsilon
+  posterior_alpha: jax.Array      # delta
 
 
 def typical_threshold(probs: jax.Array, params: TypicalParams) -> jax.Array:
   """`[..., vocab]` probabilities -> `[...]` threshold min(epsilon, delta * exp(-entropy))."""
   entropy = -jnp.sum(probs * jnp.log(probs + 1e-5), axis=-1)
-  return jnp.minimum(params.posterior_threshold, params.posterior_alpha * jnp.exp(-entropy))
+  return jnp.minimum(per_row(params.posterior_threshold, entropy.ndim),
+                     per_row(params.posterior_alpha, entropy.ndim) * jnp.exp(-entropy))
 
 
 def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: TreeArrays,
@@ -61,7 +65,7 @@ def node_acceptance(tokens: jax.Array, internal_logits: jax.Array, tree: TreeArr
     ok = tokens == jnp.take_along_axis(jnp.argmax(internal_logits, axis=-1), slots, axis=1)
     return ok, jnp.zeros(tokens.shape, jnp.float32)
   parent_logits = jnp.take_along_axis(internal_logits, slots[..., None], axis=1)  # [b, T, V]
-  probs = jax.nn.softmax(parent_logits / typical.temperature, axis=-1)
+  probs = jax.nn.softmax(parent_logits / per_row(typical.temperature, parent_logits.ndim), axis=-1)
   p = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
   return p > typical_threshold(probs, typical), jnp.log(p + 1e-30)
 
@@ -86,7 +90,7 @@ def choose_path(ok: jax.Array, logp: jax.Array, tree: TreeArrays) -> tuple[jax.A
 def typical_sample(logits: jax.Array, key: jax.Array, params: TypicalParams) -> jax.Array:
   """The next token in typical mode: sampled from softmax(logits / T) restricted to tokens above
   the typical threshold (the most likely token always stays). `[batch, vocab]` -> `[batch]`."""
-  scaled = logits / params.temperature
+  scaled = logits / per_row(params.temperature, logits.ndim)
   probs = jax.nn.softmax(scaled, axis=-1)
   keep = (probs > typical_threshold(probs, params)[..., None]) | (
       scaled == jnp.max(scaled, axis=-1, keepdims=True))
@@ -127,20 +131,24 @@ def first_token(logits: jax.Array, key: jax.Array, rule: Rule) -> jax.Array:
   `[batch, vocab]` -> `[batch]`."""
   if isinstance(rule, TypicalParams):
     return typical_sample(logits, key, rule)
-  return sample(logits, key, rule or SamplingParams())
+  return sample(logits, key, rule)
+
+
+class Accepted(NamedTuple):
+  """What `accept` keeps of a tree. The accepted tokens are the tree's at `path[:, 1 : count + 1]`."""
+
+  path: jax.Array   # `[batch, depth + 1]` the kept path's nodes, root first
+  count: jax.Array  # `[batch]` accepted nodes, 0..depth
+  last: jax.Array   # `[batch, 1]` the last accepted node
+  bonus: jax.Array  # `[batch]` the token drawn after it
 
 
 def accept(tokens: jax.Array, logits: jax.Array, tree: Tree | TreeArrays, rule: Rule, key: jax.Array,
-           draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+           draft_probs: jax.Array | None = None) -> Accepted:
   """tokens `[batch, T]`, the base model's logits at every node of `tree` (static, or per row)
-  `[batch, T, vocab]` -> (the
-  kept path's nodes `[batch, depth + 1]`, root first; accepted count `[batch]` in 0..depth; the
-  last accepted node `[batch, 1]`; the bonus token `[batch]`, drawn there). The accepted tokens
-  are `tokens` at `path[:, 1 : accepted + 1]`. `draft_probs` `[batch, T, vocab]`: the draft
+  `[batch, T, vocab]` -> the kept path and the bonus token. `draft_probs` `[batch, T, vocab]`: the draft
   distributions a sampled chain's tokens were drawn from (lossless sampling only; a chain: one
   leaf)."""
-  if isinstance(rule, SamplingParams) and rule.greedy:
-    rule = None
   if not isinstance(rule, SamplingParams):
     draft_probs = None  # deterministic drafts: greedy and typical acceptance read only the tokens
   if isinstance(tree, Tree):
@@ -162,7 +170,7 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree | TreeArrays, rule: 
   last = jnp.take_along_axis(path, accepted[:, None], axis=1)  # [b, 1]
   last_logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
   if not isinstance(rule, SamplingParams):
-    return path, accepted, last, first_token(last_logits, key_bonus, rule)
+    return Accepted(path, accepted, last, first_token(last_logits, key_bonus, rule))
   children = tree.parents == last  # [b, T]
   vocab = last_logits.shape[-1]
   scaled = sampling_logits(last_logits, rule)
@@ -171,10 +179,11 @@ def accept(tokens: jax.Array, logits: jax.Array, tree: Tree | TreeArrays, rule: 
     p = jax.nn.softmax(scaled, axis=-1)
     residual = jnp.where(jnp.any(children, axis=1, keepdims=True), jnp.maximum(p - q, 0.0), p)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q
-    return path, accepted, last, jax.random.categorical(key_bonus, jnp.log(residual), axis=-1).astype(jnp.int32)
+    bonus = jax.random.categorical(key_bonus, jnp.log(residual), axis=-1)
+    return Accepted(path, accepted, last, bonus.astype(jnp.int32))
   # every child of the last node was tried and rejected: draw from p without their tokens
   residual = scaled.at[jnp.arange(tokens.shape[0])[:, None], jnp.where(children, tokens, vocab)].set(
       -jnp.inf, mode="drop")
   # all of p on the children yet all rejected: only by rounding (~1e-7); draw from p then
   residual = jnp.where(jnp.any(residual > -jnp.inf, axis=-1, keepdims=True), residual, scaled)
-  return path, accepted, last, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32)
+  return Accepted(path, accepted, last, jax.random.categorical(key_bonus, residual, axis=-1).astype(jnp.int32))

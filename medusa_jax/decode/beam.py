@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.drafters import DraftContext, Drafter
-from medusa_jax.decode.plain import prefill
+from medusa_jax.decode.plain import Prefilled, prefill
 from medusa_jax.decode.speculative import tree_forward
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
@@ -97,11 +98,16 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+class BeamStep(NamedTuple):
+  state: BeamState
+  source: jax.Array  # `[batch, W]` the beam each new running beam extends
+  token: jax.Array   # `[batch, W]` the token it adds
+
+
 def beam_step(s: BeamState, logits: jax.Array, eos_ids: jax.Array, params: BeamParams,
-              max_new_tokens: int) -> tuple[BeamState, jax.Array, jax.Array]:
+              max_new_tokens: int) -> BeamStep:
   """One step of every prompt's search from the running beams' next-token logits `[batch, W,
-  vocab]`. Returns (the state, the beam `[batch, W]` each new running beam extends, the token
-  `[batch, W]` it adds)."""
+  vocab]`."""
   batch, w, vocab = logits.shape
   keep = max(2, 1 + eos_ids.shape[0]) * w
   scores = jax.nn.log_softmax(logits, axis=-1) + s.running.scores[..., None]
@@ -132,16 +138,16 @@ def beam_step(s: BeamState, logits: jax.Array, eos_ids: jax.Array, params: BeamP
   worst = jnp.where(is_finished, jnp.min(finished.scores, axis=1, keepdims=True), NEG)
   improvable = s.improvable & jnp.any(best_possible[:, None] > worst, axis=1)
   state = BeamState(running, finished, is_finished, improvable, s.step + 1)
-  return state, _take(source, run), _take(token, run)
+  return BeamStep(state, _take(source, run), _take(token, run))
 
 
-def _start(model: Llama, tokens, prompt_lens, width: int, cache_len: int, cache_dtype, mesh):
-  """Prefill, then each prompt's cache row repeated for its W beams: (logits `[batch, W, vocab]`,
-  hidden `[batch * W, embed]`, cache)."""
+def _start(model: Llama, tokens, prompt_lens, width: int, cache_len: int, cache_dtype, mesh) -> Prefilled:
+  """Prefill, then each prompt's cache row repeated for its W beams: logits `[batch, W, vocab]`,
+  hidden `[batch * W, embed]`."""
   cache = KVCache.init(model.config, tokens.shape[0], cache_len, cache_dtype, mesh)
   logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rows = jnp.repeat(jnp.arange(tokens.shape[0]), width)
-  return jnp.repeat(logits[:, None], width, axis=1), hidden[rows], cache.take_rows(rows)
+  return Prefilled(jnp.repeat(logits[:, None], width, axis=1), hidden[rows], cache.take_rows(rows))
 
 
 def _rows(local: jax.Array) -> jax.Array:
@@ -221,7 +227,8 @@ def speculative_beam_generate(state: nnx.State, draft_params, tokens: jax.Array,
     proposal = drafter.propose(draft_params, model, DraftContext.without_history(c.root, c.hidden), None, None)
     drafted = proposal.tokens  # [b * W, T]
     arrays = tree.arrays(batch * w) if proposal.tree is None else proposal.tree
-    _, node_logits, node_hidden, cache = tree_forward(model, c.cache, drafted, arrays)
+    fwd = tree_forward(model, c.cache, drafted, arrays)
+    node_logits, node_hidden, cache = fwd.logits, fwd.hidden, fwd.cache
     beam = jnp.broadcast_to(jnp.arange(w), (batch, w))  # each beam's source row within its prompt
     node = jnp.zeros((batch, w), jnp.int32)             # the node whose logits it continues from
     path = jnp.zeros((batch, w, tree.depth + 1), jnp.int32)  # nodes it keeps, root first

@@ -1,14 +1,12 @@
 """`GenerationConfig`: every setting of one generation, shared by `Engine.generate`,
-`Engine.generate_ids`, the command-line tools and (later) the server. Its defaults are the
-project's defaults, in this one place."""
+`Engine.generate_ids`, the command-line tools and the server. Its defaults are the project's
+defaults, in this one place; `drafting.resolve` turns it into what a decode loop runs. Plain
+Python (no JAX), so command-line tools can parse their flags before importing JAX."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from medusa_jax.decode.acceptance import Rule, TypicalParams
-from medusa_jax.decode.beam import BeamParams
-from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.errors import MedusaError
 
 MODES = ("auto", "medusa", "baseline", "lookup", "draft", "beam")
@@ -89,24 +87,3 @@ class GenerationConfig:
     if unknown:
       raise MedusaError(f"unknown generation setting {unknown[0]!r}")
     return dataclasses.replace(self, **changes)
-
-  @property
-  def sampling(self) -> SamplingParams:
-    """The plain decoder's sampling settings (a static jit argument)."""
-    return SamplingParams(float(self.temperature), float(self.top_p))
-
-  @property
-  def beam(self) -> BeamParams:
-    """Beam search's settings (a static jit argument)."""
-    return BeamParams(int(self.num_beams), float(self.length_penalty), self.early_stopping)
-
-  @property
-  def rule(self) -> Rule:
-    """Medusa's acceptance rule (`acceptance.py`): None (greedy), `SamplingParams` (lossless) or
-    `TypicalParams`."""
-    if self.temperature <= 0:
-      return None
-    if self.acceptance == "lossless":
-      return self.sampling
-    return TypicalParams(float(self.temperature), float(self.posterior_threshold),
-                         float(self.posterior_alpha))

@@ -255,6 +255,13 @@ class BeamTreeDrafter(_Stateless):
     return Proposal(tokens, None, None, tree)
 
 
+class ModelParams(NamedTuple):
+  """A `ModelDrafter`'s arrays."""
+
+  weights: nnx.State | None             # the draft model's (None: self-drafting)
+  sampling: SamplingParams | None = None  # sample the chain from the draft's distributions (None: greedy)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter:
   """A draft model proposes a chain of `num_tokens`, one token per forward over its own KV cache
@@ -262,23 +269,22 @@ class ModelDrafter:
   whose rank-r child of a node is the draft's r-th most likely next token there (SpecInfer-style;
   one tree-masked forward per depth, then the accepted path's K/V compacted as the target's are).
   `graphdef` None: the target itself, its first `num_layers` layers then its final norm and
-  lm_head (self-drafting, no extra weights); params: the draft model's state (None when
-  self-drafting). With `sampling` a chain is sampled from the draft's distributions (returned, for
-  the speculative sampling rule), else it is the draft's greedy continuation; a tree's top-k
-  tokens are deterministic drafts, which the lossless tree rule verifies exactly."""
+  lm_head (self-drafting, no extra weights); params: `ModelParams`. With its `sampling` a chain
+  is sampled from the draft's distributions (returned, for the speculative sampling rule), else
+  it is the draft's greedy continuation; a tree's top-k tokens are deterministic drafts, which
+  the lossless tree rule verifies exactly."""
 
   graphdef: nnx.GraphDef | None
   num_tokens: int
   num_layers: int | None = None
-  sampling: SamplingParams | None = None
   shape: Tree | None = None
 
   @property
   def tree(self) -> Tree:
     return self.shape or Tree(chain(self.num_tokens))
 
-  def _model(self, params, model: Llama) -> Llama:
-    return model if self.graphdef is None else nnx.merge(self.graphdef, params)
+  def _model(self, params: ModelParams, model: Llama) -> Llama:
+    return model if self.graphdef is None else nnx.merge(self.graphdef, params.weights)
 
   def empty(self, params, model: Llama, rows: int, cache_len: int, cache_dtype, mesh) -> KVCache:
     config = self._model(params, model).config
@@ -287,7 +293,7 @@ class ModelDrafter:
 
   def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh) -> KVCache:
     cache = self.empty(params, model, tokens.shape[0], cache_len, cache_dtype, mesh)
-    return prefill(self._model(params, model), tokens, prompt_lens, cache, self.num_layers)[2]
+    return prefill(self._model(params, model), tokens, prompt_lens, cache, self.num_layers).cache
 
   def catch_up(self, params, model: Llama, state: KVCache, history, lengths, width: int) -> KVCache:
     # one causal forward of the `width` tokens after each row's cached ones (those past `lengths`
@@ -300,16 +306,16 @@ class ModelDrafter:
   def propose(self, params, model: Llama, ctx: DraftContext, state: KVCache, key) -> Proposal:
     draft = self._model(params, model)
     if self.shape is not None:
-      return Proposal(*self._top_k_tree(draft, ctx.root, state))
+      return self._top_k_tree(draft, ctx.root, state)
 
     def step(carry, key):
       token, cache = carry
       logits, _, cache = draft(token[:, None], cache.lengths[:, None], cache, num_layers=self.num_layers)
       cache = cache.advance(jnp.ones_like(token))
-      if self.sampling is None:
+      if params.sampling is None:
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return (nxt, cache), (nxt, None)
-      scaled = sampling_logits(logits[:, 0], self.sampling)
+      scaled = sampling_logits(logits[:, 0], params.sampling)
       nxt = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
       return (nxt, cache), (nxt, jax.nn.softmax(scaled, axis=-1))
 
@@ -321,11 +327,11 @@ class ModelDrafter:
     tokens = jnp.concatenate([ctx.root[:, None], drafted[:-1].T], axis=1)
     return Proposal(tokens, probs, dataclasses.replace(cache, lengths=state.lengths))
 
-  def _top_k_tree(self, draft: Llama, root: jax.Array, cache: KVCache):
+  def _top_k_tree(self, draft: Llama, root: jax.Array, cache: KVCache) -> Proposal:
     """depth + 1 forwards of the whole tree (tree mask, K/V written after each row's prefix): after
     forward d the nodes of depth d + 1 take their parents' ranked tokens; nodes attend only to
     their ancestors, so deeper nodes' placeholder tokens never change shallower ones. The last
-    forward writes every node's K/V. Returns (tokens `[batch, T]`, None, cache)."""
+    forward writes every node's K/V."""
     tree = self.shape
     positions = cache.lengths[:, None] + jnp.asarray(tree.depths)[None, :]
     parents = jnp.asarray(np.maximum(tree.parents, 0))
@@ -340,7 +346,7 @@ class ModelDrafter:
         ranked = jnp.take_along_axis(top, jnp.broadcast_to(ranks[None, :, None], top.shape[:2] + (1,)),
                                      axis=-1)[..., 0]
         tokens = jnp.where(depths[None, :] == d + 1, ranked.astype(jnp.int32), tokens)
-    return tokens, None, written
+    return Proposal(tokens, None, written)
 
   def commit(self, state: KVCache, path: jax.Array, n: jax.Array, keep: jax.Array) -> KVCache:
     # the root and the accepted nodes: contiguous in a chain, moved together in a tree

@@ -13,16 +13,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medusa_jax.cache import enable_compilation_cache
 from medusa_jax.decode.beam import beam_generate, speculative_beam_generate
-from medusa_jax.decode.config import MODES, GenerationConfig
-from medusa_jax.decode.drafters import (
-  BeamTreeDrafter,
-  LookupDrafter,
-  ModelDrafter,
-  heads_drafter,
-)
+from medusa_jax.decode.config import GenerationConfig
+from medusa_jax.decode.drafting import Plan, resolve
+from medusa_jax.decode.loaded import DraftModel, LoadedModel
 from medusa_jax.decode.plain import baseline_generate
-from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_generate
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DraftVocab
@@ -82,6 +78,7 @@ class Engine:
                tree: str | Tree | Sequence[Sequence[int]] | None = None, name: str = "model",
                max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None,
                mesh: Mesh | None = None, lookup: int = 0):
+    enable_compilation_cache()
     self.mesh = mesh
     self.lookup = lookup  # the lookup chain Medusa grafts on when a config leaves `lookup` None
     self.graphdef, self.state = nnx.split(model)
@@ -95,7 +92,7 @@ class Engine:
     self.tree = None
     self.draft: DraftVocab | None = None
     if heads is not None:
-      self.set_tree(tree if tree is not None else default_tree(None, heads.config.num_heads))
+      self.set_tree(tree if tree is not None else default_tree(None, heads.config.num_heads).paths)
       self.set_draft_vocab(draft_vocab)
     self.dtype = model.dtype
     self.tokenizer = tokenizer
@@ -108,7 +105,7 @@ class Engine:
     self.pad_id = int(self.config.pad_token_id)
     self._compiled: dict = {}
     self.compile_seconds = 0.0
-    self._draft_model = None  # (graphdef, state, num_layers): `set_draft_model`
+    self.draft_model: DraftModel | None = None  # `set_draft_model`
 
   def _place(self, x: np.ndarray, split: bool = True) -> jax.Array:
     """A host input on the device(s): rows split over the mesh's data x fsdp when `split` and they
@@ -122,9 +119,11 @@ class Engine:
 
   def _call(self, fn, *args, **static):
     """Runs jitted `fn` on positional array arguments `args`, compiling once per (fn, argument
-    shapes, static keyword arguments); returns (device-fetched output, seconds of the run alone)."""
+    structure and shapes, static keyword arguments); returns (device-fetched output, seconds of
+    the run alone)."""
     static = dict(graphdef=self.graphdef, mesh=self.mesh, **static)
-    key = (fn.__name__, tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])),
+    key = (fn.__name__, jax.tree.structure(args[1:]),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])),
            tuple(sorted(static.items(), key=lambda kv: kv[0])))
     if key not in self._compiled:
       start = time.perf_counter()
@@ -145,7 +144,8 @@ class Engine:
   def set_draft_vocab(self, ids: Sequence[int] | None) -> None:
     """Restricts the heads' guesses to the token ids `ids` (`draft_vocab.py`); None: the whole
     vocabulary. Outputs do not change, only which guesses the heads can make."""
-    self.resolve_mode("medusa")  # a clear error when no heads are loaded
+    if self.heads_graphdef is None:
+      raise MedusaError("a drafting vocabulary needs Medusa heads (load some with heads=...)")
     self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
 
   def set_draft_model(self, draft: str | Llama | None, tokenizer=None) -> None:
@@ -154,14 +154,14 @@ class Engine:
     model's vocabulary), or None."""
     layers = self.config.num_layers
     if draft is None:
-      self._draft_model = None
+      self.draft_model = None
     elif isinstance(draft, str):
       if not (draft.startswith("self:") and draft[5:].isdigit()):
         raise MedusaError(f"a draft model is self:L (the first L of the {layers} layers) or a model spec; "
                           f"got {draft!r}")
       if not 1 <= int(draft[5:]) <= layers:
         raise MedusaError(f"{draft}: L must be in 1..{layers}, the model's layers")
-      self._draft_model = (None, None, int(draft[5:]))
+      self.draft_model = DraftModel(num_layers=int(draft[5:]))
     else:
       if draft.config.vocab_size != self.config.vocab_size:
         raise MedusaError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
@@ -170,7 +170,7 @@ class Engine:
       if vocab is not None and hasattr(self.tokenizer, "get_vocab") and vocab() != self.tokenizer.get_vocab():
         raise MedusaError("the draft model's tokenizer maps tokens to other ids than the target's")
       graphdef, state = nnx.split(draft)
-      self._draft_model = (graphdef, state if self.mesh is None else shard_state(state, self.mesh), None)
+      self.draft_model = DraftModel(graphdef, state if self.mesh is None else shard_state(state, self.mesh))
 
   @property
   def heads(self) -> MedusaHeads | None:
@@ -200,52 +200,32 @@ class Engine:
       )
     return bucket(longest)
 
-  def resolve_mode(self, mode: str) -> str:
-    """"auto" is Medusa when heads are loaded, else baseline."""
-    if mode == "auto":
-      return "medusa" if self.heads_graphdef is not None else "baseline"
-    if mode not in MODES:
-      raise MedusaError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "draft" and self._draft_model is None:
-      raise MedusaError("mode draft needs a draft model (draft_model='self:L' or a model spec)")
-    if mode == "medusa" and self.heads_graphdef is None:
-      raise MedusaError("mode medusa needs Medusa heads (load some with heads=...)")
-    return mode
+  @property
+  def loaded(self) -> LoadedModel:
+    """What this engine runs with (the server's view of it)."""
+    return LoadedModel(self.graphdef, self.state, self.config, self.tokenizer, self.eos_ids, self.pad_id,
+                       self.dtype, self.mesh, self.heads_graphdef, self.heads_state,
+                       0 if self.heads_config is None else self.heads_config.num_heads, self.tree, self.draft,
+                       self.lookup, self.draft_model)
 
-  def drafter(self, mode: str, config: GenerationConfig):
-    """(the drafter of a speculative `mode` (`drafters.py`), its params) under `config`."""
-    if mode == "draft":
-      graphdef, state, layers = self._draft_model
-      sampling = config.rule if isinstance(config.rule, SamplingParams) else None
-      shape = get_tree(config.draft_tree, vocab_size=self.config.vocab_size) if config.draft_tree else None
-      return ModelDrafter(graphdef, config.draft_tokens, layers, sampling, shape), state
-    if mode == "lookup":
-      return LookupDrafter(config.draft_tokens, config.ngram), None
-    if config.draft_beams:
-      depth = config.draft_depth or self.heads_config.num_heads
-      if depth > self.heads_config.num_heads:
-        raise MedusaError(f"draft_depth {depth} exceeds the {self.heads_config.num_heads} heads")
-      vocab = len(self.draft.ids) if self.draft is not None else self.config.vocab_size
-      if config.draft_beams > vocab:
-        raise MedusaError(f"draft_beams {config.draft_beams} exceeds the {vocab}-token drafting vocabulary")
-      budget = config.tree_budget or config.draft_beams * depth + 1
-      return BeamTreeDrafter(self.heads_graphdef, config.draft_beams, depth, budget), (self.heads_state, self.draft)
-    chain = self.lookup if config.lookup is None else config.lookup
-    return (heads_drafter(self.heads_graphdef, self.tree, chain, config.ngram, config.min_ngram),
-            (self.heads_state, self.draft))
+  def plan(self, config: GenerationConfig | None = None, batch: int = 1, **settings) -> Plan:
+    """How `config` (with `settings`) generates here (`drafting.resolve`), or a one-line error."""
+    return resolve((config or GenerationConfig()).replace(**settings), self.loaded, batch=batch)
+
+  def _place_arrays(self, tree):
+    """Host NumPy leaves of `tree` (per-row settings) on the device(s), rows split like prompts."""
+    return jax.tree.map(lambda x: self._place(x) if isinstance(x, np.ndarray) else x, tree)
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
                    **settings) -> GenerationResult:
     """Token-level generation of token-id prompts under `config` (default `GenerationConfig()`)
     with any of its fields overridden by keyword (`max_new_tokens=64`, `temperature=0.7`, ...).
-    Medusa at temperature 0 is greedy and identical to baseline greedy decoding."""
+    Medusa at temperature 0 is greedy and identical to baseline greedy decoding. Sampling
+    settings are arrays of the compiled programs, so a new temperature or top-p compiles nothing."""
     config = (config or GenerationConfig()).replace(**settings)
-    mode = self.resolve_mode(config.mode)
+    plan = resolve(config, self.loaded, batch=len(prompts))
     max_new_tokens = config.max_new_tokens
-    drafter, params = self.drafter(mode, config) if mode not in ("baseline", "beam") else (None, None)
-    if mode == "beam" and config.beam_heads:  # the heads' tree, static or per step, without lookup
-      drafter, params = self.drafter(self.resolve_mode("medusa"), config.replace(lookup=0))
-    extra = drafter.tree.size if drafter else 0
+    extra = plan.tree_size
     length = self._check_lengths(prompts, max_new_tokens, extra)
     tokens, lens = pad_prompts(prompts, length, self.pad_id)
     cache_len = -(-(length + max_new_tokens + max(extra, 1)) // 64) * 64
@@ -253,22 +233,24 @@ class Engine:
             self.eos_ids)
     common = dict(max_new_tokens=max_new_tokens, cache_len=cache_len, pad_id=self.pad_id,
                   cache_dtype=self.dtype)
-    if mode == "beam":
+    drafter, params = plan.drafter, self._place_arrays(plan.params)
+    if plan.mode == "beam":
       if drafter is None:
-        out, seconds = self._call(beam_generate, self.state, *args[:2], self.eos_ids, params=config.beam,
+        out, seconds = self._call(beam_generate, self.state, *args[:2], self.eos_ids, params=plan.beam,
                                   **common)
       else:
         out, seconds = self._call(speculative_beam_generate, self.state, params, *args[:2], self.eos_ids,
-                                  drafter=drafter, params=config.beam, **common)
+                                  drafter=drafter, params=plan.beam, **common)
       n = config.num_return_sequences
       return GenerationResult(np.asarray(out.tokens[:, :n]).reshape(-1, max_new_tokens),
                               np.asarray(out.num_tokens[:, :n]).reshape(-1),
                               np.full(len(prompts) * n, int(out.steps), np.int32), seconds)
     if drafter is None:
-      out, seconds = self._call(baseline_generate, self.state, *args, sampling=config.sampling, **common)
+      out, seconds = self._call(baseline_generate, self.state, self._place_arrays(plan.sampling), *args,
+                                **common)
     else:
-      out, seconds = self._call(speculative_generate, self.state, params, *args, drafter=drafter,
-                                rule=config.rule, **common)
+      out, seconds = self._call(speculative_generate, self.state, params, self._place_arrays(plan.rule), *args,
+                                drafter=drafter, **common)
     return GenerationResult(np.asarray(out.tokens), np.asarray(out.num_tokens), np.asarray(out.steps),
                             seconds)
 

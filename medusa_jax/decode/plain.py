@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,27 +62,29 @@ class Emitted:
     return Emitted(tokens, count, done)
 
 
-def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache,
-            num_layers: int | None = None):
-  """Runs right-padded prompts `[batch, P]` through the model (its first `num_layers` layers
-  only, when given: a self-drafting model).
+class Prefilled(NamedTuple):
+  logits: jax.Array  # `[batch, vocab]` at each row's last prompt token
+  hidden: jax.Array  # `[batch, embed]` there
+  cache: KVCache     # `lengths == prompt_lens`
 
-  Returns (logits `[batch, vocab]` and hidden `[batch, embed]` at each row's last prompt token,
-  the cache with `lengths == prompt_lens`). The cache must be empty: the prompts attend to their
-  own `P` positions only, not to the whole cache.
-  """
+
+def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache,
+            num_layers: int | None = None) -> Prefilled:
+  """Runs right-padded prompts `[batch, P]` through the model (its first `num_layers` layers
+  only, when given: a self-drafting model). The cache must be empty: the prompts attend to their
+  own `P` positions only, not to the whole cache."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   own = dataclasses.replace(cache, span=tokens.shape[1])
   hidden, written = model.hidden_states(tokens, positions, own, num_layers=num_layers)
   last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-  return model.logits(last), last, dataclasses.replace(written, span=cache.span,
-                                                       lengths=prompt_lens.astype(jnp.int32))
+  return Prefilled(model.logits(last), last,
+                   dataclasses.replace(written, span=cache.span, lengths=prompt_lens.astype(jnp.int32)))
 
 
 def decode_step(model: Llama, cache: KVCache, last: jax.Array, key: jax.Array,
-                sampling: SamplingParams) -> tuple[jax.Array, KVCache]:
-  """One plain decode step: `last` `[batch]` tokens in, next tokens `[batch]` out; their K/V
-  written at `cache.lengths` (not committed)."""
+                sampling: SamplingParams | None) -> tuple[jax.Array, KVCache]:
+  """One plain decode step: `last` `[batch]` tokens in, next tokens `[batch]` out (`sampling`
+  None: greedy); their K/V written at `cache.lengths` (not committed)."""
   logits, _, cache = model(last[:, None], cache.lengths[:, None], cache)
   return sample(logits[:, 0], key, sampling), cache
 
@@ -95,14 +98,15 @@ class _Carry:
   key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling",
-                                             "pad_id", "cache_dtype", "mesh"))
-def baseline_generate(state: nnx.State, tokens: jax.Array, prompt_lens: jax.Array,
-                      key: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef,
-                      max_new_tokens: int, cache_len: int, sampling: SamplingParams, pad_id: int,
-                      cache_dtype=jnp.float32, mesh: Mesh | None = None) -> DecodeOutput:
-  """Plain autoregressive decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`);
-  on `mesh` the KV cache is sharded as the weights are (`KVCache.init`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "pad_id",
+                                             "cache_dtype", "mesh"))
+def baseline_generate(state: nnx.State, sampling: SamplingParams | None, tokens: jax.Array,
+                      prompt_lens: jax.Array, key: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef,
+                      max_new_tokens: int, cache_len: int, pad_id: int, cache_dtype=jnp.float32,
+                      mesh: Mesh | None = None) -> DecodeOutput:
+  """Plain autoregressive decoding of right-padded prompts `[batch, P]` (lengths `prompt_lens`),
+  greedy or sampled (`sampling`: device arrays, so new settings reuse the program); on `mesh` the
+  KV cache is sharded as the weights are (`KVCache.init`)."""
   model = nnx.merge(graphdef, state)
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from medusa_jax.errors import MedusaError
-from medusa_jax.formats import medusa, orbax_run, vllm
+from medusa_jax.formats import FORMATS, medusa, orbax_run, vllm
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.model.llama import Llama
 from medusa_jax.weights import hf
-
-FORMATS = ("medusa", "vllm", "hf-llama")
 
 
 def detect(path: str) -> str:

@@ -26,11 +26,12 @@ import numpy as np
 
 from medusa_jax.atomic import write_text
 from medusa_jax.errors import MedusaError
+from medusa_jax.medusa import DRAFT_VOCAB_SIZE
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.model.llama import Llama
 
 FILE = "draft_vocab.json"
-DEFAULT_SIZE = 8192  # ids the heads guess among unless told otherwise
+DEFAULT_SIZE = DRAFT_VOCAB_SIZE  # ids the heads guess among unless told otherwise (defined without JAX)
 
 
 def rank_by_frequency(token_lists: Iterable[Sequence[int]]) -> tuple[np.ndarray, int]:

@@ -27,6 +27,7 @@ import functools
 import json
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,17 @@ class Tree:
 TREES = {"mc_sim_7b_63": MC_SIM_7B_63, "vicuna_7b_stage2": VICUNA_7B_STAGE2, **{f"chain{d}": chain(d) for d in range(1, 6)}}
 
 
+def _read_tree_file(path: str) -> dict | list:
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedusaError(f"cannot read a tree from {path}: {e}") from None
+  if isinstance(spec, dict) and "paths" not in spec:
+    raise MedusaError('a tree JSON file holds {"paths": [[0], [0, 0], ...]} or a bare list of paths')
+  return spec
+
+
 def get_tree(spec: str | Sequence[Sequence[int]] | Tree, *, num_heads: int | None = None,
              vocab_size: int | None = None) -> Tree:
   """A tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain1`..`chain5`), a JSON file
@@ -231,15 +243,8 @@ def get_tree(spec: str | Sequence[Sequence[int]] | Tree, *, num_heads: int | Non
     except ValueError as e:
       raise MedusaError(f"cannot parse the tree {spec[:60]!r} as a JSON list of paths: {e}") from None
   elif isinstance(spec, str) and spec.endswith(".json"):
-    try:
-      with open(spec) as f:
-        spec = json.load(f)
-    except (OSError, ValueError) as e:
-      raise MedusaError(f"cannot read a tree from {spec}: {e}") from None
-    if isinstance(spec, dict):
-      if "paths" not in spec:
-        raise MedusaError('a tree JSON file holds {"paths": [[0], [0, 0], ...]} or a bare list of paths')
-      spec = spec["paths"]
+    spec = _read_tree_file(spec)
+    spec = spec["paths"] if isinstance(spec, dict) else spec
   elif isinstance(spec, str):
     if spec not in TREES:
       raise MedusaError(f"unknown tree {spec!r}; known trees: {', '.join(sorted(TREES))}")
@@ -247,28 +252,23 @@ def get_tree(spec: str | Sequence[Sequence[int]] | Tree, *, num_heads: int | Non
   return Tree(spec, num_heads=num_heads, vocab_size=vocab_size)
 
 
-def default_tree(heads_dir: str | None, num_heads: int) -> str | tuple[Path, ...]:
-  """The tree a heads directory decodes with unless told otherwise: its `tree.json` (tuned for
-  those heads), else the reference default `mc_sim_7b_63` cut to the paths `num_heads` heads can
-  fill."""
-  tree_file = os.path.join(heads_dir, "tree.json") if heads_dir else ""
-  if tree_file and os.path.isfile(tree_file):
-    return tree_file
-  return tuple(p for p in MC_SIM_7B_63 if len(p) <= num_heads)
+class DefaultTree(NamedTuple):
+  """What a heads directory decodes with unless told otherwise."""
+
+  paths: Sequence[Path]
+  lookup: int  # the prompt-lookup chain grafted onto the tree (0: the heads alone)
 
 
-def default_lookup(heads_dir: str | None) -> int:
-  """The prompt-lookup chain a heads directory grafts onto its tree unless told otherwise: the
-  `"lookup"` of its `tree.json` (measured with those heads), else 0 (the heads alone)."""
+def default_tree(heads_dir: str | None, num_heads: int) -> DefaultTree:
+  """A heads directory's `tree.json` (tuned for those heads: its paths and its `"lookup"` chain),
+  else the reference default `mc_sim_7b_63` cut to the paths `num_heads` heads can fill, without
+  a lookup chain."""
   tree_file = os.path.join(heads_dir, "tree.json") if heads_dir else ""
   if not (tree_file and os.path.isfile(tree_file)):
-    return 0
-  try:
-    with open(tree_file) as f:
-      spec = json.load(f)
-  except (OSError, ValueError) as e:
-    raise MedusaError(f"cannot read a tree from {tree_file}: {e}") from None
+    return DefaultTree(tuple(p for p in MC_SIM_7B_63 if len(p) <= num_heads), 0)
+  spec = _read_tree_file(tree_file)
   lookup = spec.get("lookup", 0) if isinstance(spec, dict) else 0
   if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
     raise MedusaError(f'{tree_file}: "lookup" must be a number of tokens >= 0, got {lookup!r}')
-  return lookup
+  paths = spec["paths"] if isinstance(spec, dict) else spec
+  return DefaultTree(paths, lookup)

@@ -47,17 +47,6 @@ class ModelConfig:
     if self.head_dim % 2:
       raise MedusaError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
-  @property
-  def num_params(self) -> int:
-    """Number of backbone parameters (embeddings counted once when tied)."""
-    e, m, d = self.hidden_size, self.intermediate_size, self.head_dim
-    attn = e * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-    if self.attention_bias:
-      attn += d * (self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * e * m + 2 * e
-    emb = self.vocab_size * e * (1 if self.tie_embeddings else 2)
-    return self.num_layers * layer + emb + e
-
   # ---- Hugging Face config.json <-> ModelConfig -------------------------------------------------
 
   @classmethod

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from medusa_jax.errors import MedusaError
+from medusa_jax.model.tokenizer import encode_chat
 from medusa_jax.serve.scheduler import QueueFull, Request, Scheduler
 
 
@@ -78,9 +79,10 @@ def _prompt(body: dict) -> str:
 
 
 def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
-  """The app for `scheduler` serving `model_name`; its start-up compiles the model in the
-  background (`/health` answers 503 until then) and its shutdown drains the scheduler."""
-  engine = scheduler.engine
+  """The app for `scheduler` serving `model_name`; its start-up compiles what serving needs first
+  in the background (`/health` answers 503 until then, then 200 with what is compiled, while the
+  other programs keep compiling) and its shutdown drains the scheduler."""
+  tokenizer = scheduler.loaded.tokenizer
   metrics = scheduler.metrics
   state: dict[str, Any] = {"error": None}
 
@@ -112,7 +114,7 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
       return JSONResponse({"status": "error", "error": state["error"]}, status_code=500)
     if not scheduler.ready:
       return JSONResponse({"status": "loading"}, status_code=503)
-    return {"status": "ok"}
+    return {"status": "ok", "compiled": scheduler.compiled}
 
   @app.get("/v1/models")
   async def models():
@@ -200,7 +202,7 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
                              or len(stop) > 4):
       raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-    ids = engine.encode(_messages(body)) if chat else engine.encode(_prompt(body), chat=False)
+    ids = encode_chat(tokenizer, _messages(body) if chat else _prompt(body), chat)
     room = scheduler.max_context - len(ids)
     if room < 1:
       raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is "

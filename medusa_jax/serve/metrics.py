@@ -29,6 +29,9 @@ class Metrics:
         "medusa_step_seconds", "Seconds per decode step: measured at start-up, then a running average "
         "of served chunks, by row bucket, mode and attention span", ["rows", "mode", "span"],
         registry=r)
+    self.compiled_programs = Gauge(
+        "medusa_compiled_programs", "Programs serving may run: compiled (ready) and in all (total); "
+        "those not ready compile in the background after start-up", ["state"], registry=r)
     self.active_rows = Gauge("medusa_active_rows", "Rows decoding now", registry=r)
     self.queue_depth = Gauge("medusa_queue_depth", "Requests waiting for a slot", registry=r)
     self.ttft = Histogram("medusa_time_to_first_token_seconds", "Arrival to first token",

@@ -1,9 +1,10 @@
 """The host side of continuous batching: a queue of requests, a thread that admits them into free
-slots (`decode/slots.py`), runs chunks of decode steps for all live rows, streams what each row
+slots (`slots.py`), runs chunks of decode steps for all live rows, streams what each row
 produced, and retires finished rows.
 
-What drafts (`mode`): Medusa heads (with the heads directory's lookup chain), prompt lookup alone,
-or a draft model, whose KV cache rows live beside the slots' (`decode/slots.py`).
+What drafts is resolved from a `GenerationConfig` by `decode/drafting.py`, as for `Engine.generate`:
+Medusa heads (with the heads directory's lookup chain), prompt lookup alone, or a draft model,
+whose KV cache rows live beside the slots' (`slots.py`).
 
 Adaptive speculation: each chunk runs one of the `choices`: plain decoding, cheaper drafters
 (`drafters.cheaper_drafters`: the heads' tree without the lookup chain; their top guess alone
@@ -13,7 +14,7 @@ kept as a running average of the chunks' own times while serving. The tokens per
 drafter are the ones observed while serving, for greedy and for sampling rows apart; a chunk
 expects the mean over its live rows. The losing choices still run now and then, in turn, to
 refresh their estimates.
-Greedy and seeded outputs do not depend on the choice (`decode/coupled.py`).
+Greedy and seeded outputs do not depend on the choice (`coupled.py`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax.decode import slots as device
 from medusa_jax.decode.config import GenerationConfig
 from medusa_jax.decode.drafters import cheaper_drafters
-from medusa_jax.decode.engine import Engine
+from medusa_jax.decode.drafting import SERVED, resolve
+from medusa_jax.decode.loaded import LoadedModel
 from medusa_jax.errors import MedusaError
+from medusa_jax.serve import slots as device
 from medusa_jax.serve.metrics import Metrics
 
 EXPLORE_EVERY = 32  # chunks of the winner before a losing choice refreshes its estimates (`Scheduler._choose`)
@@ -78,30 +80,19 @@ class _Exploration:
 
 
 class Scheduler:
-  """Serves `engine` with `max_batch` slots of `max_context` tokens, drafting as `mode` says:
-  "medusa" (its heads and tree, with a lookup chain of `lookup` tokens: None takes the heads
-  directory's, gated by `min_ngram` as in `GenerationConfig`), "lookup" (prompt lookup alone, a
-  chain of `lookup` tokens), "draft" (its draft model: a chain of `draft_tokens`, or the
-  `draft_tree` of its top-k tokens), "baseline" (plain only), or "auto": medusa when heads are
-  loaded, else lookup when `lookup` is given, else baseline."""
+  """Serves `loaded` with `max_batch` slots of `max_context` tokens, drafting as `config` says
+  (`drafting.resolve`: its mode, among medusa, lookup, draft, baseline and auto, and the drafting
+  settings; each request brings its own sampling settings). `log` hears what start-up is doing."""
 
-  def __init__(self, engine: Engine, *, max_batch: int = 8, max_context: int = 2048, chunk_steps: int = 4,
-               max_queue: int = 256, metrics: Metrics | None = None, mode: str = "auto",
-               lookup: int | None = None, min_ngram: int | None = None, draft_tokens: int | None = None,
-               draft_tree: str | None = None):
+  def __init__(self, loaded: LoadedModel, config: GenerationConfig | None = None, *, max_batch: int = 8,
+               max_context: int = 2048, chunk_steps: int = 4, max_queue: int = 256,
+               metrics: Metrics | None = None, log: Callable[[str], None] = lambda _: None):
     if max_batch < 1 or chunk_steps < 1:
       raise MedusaError("max_batch and chunk_steps must be at least 1")
-    self.engine = engine
-    given = dict(min_ngram=min_ngram, draft_tokens=draft_tokens, draft_tree=draft_tree)
-    config = GenerationConfig().replace(lookup=lookup, **{k: v for k, v in given.items() if v is not None})
-    if mode == "auto":
-      mode = "medusa" if engine.heads_graphdef is not None else "lookup" if lookup else "baseline"
-    mode = engine.resolve_mode(mode)
-    if mode not in ("medusa", "lookup", "draft", "baseline"):
-      raise MedusaError(f"the server does not serve mode {mode!r}; use medusa, lookup, draft or baseline")
-    if mode == "lookup" and lookup:
-      config = config.replace(draft_tokens=lookup)
-    self.drafter, self.params = (None, None) if mode == "baseline" else engine.drafter(mode, config)
+    self.loaded = loaded
+    # rows sample by their own settings (`coupled.py`), so drafts are the drafter's greedy ones
+    plan = resolve((config or GenerationConfig()).replace(temperature=0.0), loaded, modes=SERVED)
+    self.mode, self.drafter, self.params = plan.mode, plan.drafter, plan.params
     self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
     # what a chunk runs, cheapest first: plain decoding (None), cheaper drafters, the drafter
     self.choices = (None,) if self.drafter is None else (None, *cheaper_drafters(self.drafter), self.drafter)
@@ -132,18 +123,71 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self._slots = None
     self._exploration = {b: _Exploration(len(self.choices) - 1) for b in self.buckets}
+    # every program serving may run, in the order they compile: prefill buckets, plain chunks, then
+    # each drafting choice (cheapest first); `warm_up` compiles the first few, `compile_rest` the others
+    self._all_programs = ([("insert", p) for p in self.prompt_buckets] +
+                          [(b, c, span) for c in range(len(self.choices)) for b in self.buckets
+                           for span in reversed(self.spans)])
+    self._programs: dict[tuple, object] = {}
+    self._shapes = None  # the slots' shapes, which every program is compiled for
+    self._compiler: threading.Thread | None = None
+    self.log = log
     self.ready = False
 
   # ---- start-up ---------------------------------------------------------------------------------
 
-  def _chunk(self, slots, c: int, b: int, span: int | None = None):
-    e, drafter = self.engine, self.choices[c]
-    return device.run_chunk(e.state, self.params, slots, e.eos_ids, graphdef=e.graphdef,
-                            drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps, span=span,
-                            plain=drafter is None)
+  def _lower(self, key: tuple):
+    """The lowered program of `key`: ("insert", prompt bucket) or (row bucket, choice, span)."""
+    e = self.loaded
+    if key[0] == "insert":
+      scalar = jax.ShapeDtypeStruct((), jnp.int32)
+      return device.insert.lower(
+          e.state, self.params, self._shapes, scalar, jax.ShapeDtypeStruct((1, key[1]), jnp.int32), scalar,
+          jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+          jax.ShapeDtypeStruct((), jnp.uint32), scalar, jax.ShapeDtypeStruct((), jnp.bool_), e.eos_ids,
+          graphdef=e.graphdef, drafter=self.drafter)
+    b, c, span = key
+    drafter = self.choices[c]
+    return device.run_chunk.lower(e.state, self.params, self._shapes, e.eos_ids, graphdef=e.graphdef,
+                                  drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps, span=span,
+                                  plain=drafter is None)
+
+  def _program(self, key: tuple):
+    """The compiled program of `key` (compiled now if the background has not yet)."""
+    program = self._programs.get(key)
+    if program is None:
+      program = self._programs.setdefault(key, self._lower(key).compile())
+      self._report_compiled()
+    return program
+
+  def _run(self, key: tuple, *args):
+    """Runs the compiled program of `key` on `args`, each placed as the program takes it (on a
+    mesh, arrays made outside a program are moved to its shardings)."""
+    program = self._program(key)
+    args = jax.tree.map(lambda x, want: x if x.sharding == want else jax.device_put(x, want), args,
+                        program.input_shardings[0])
+    return program(*args)
+
+  def _available(self, key: tuple[int, int, int]) -> bool:
+    return key in self._programs or key in self.step_seconds
+
+  def _report_compiled(self) -> None:
+    self.metrics.compiled_programs.labels("ready").set(len(self._programs))
+    self.metrics.compiled_programs.labels("total").set(len(self._all_programs))
+
+  @property
+  def compiled(self) -> dict:
+    """What is compiled: programs done and in all, and the choices that run for every row bucket."""
+    full = [n for c, n in enumerate(self.names)
+            if all((b, c, s) in self._programs for b in self.buckets for s in self.spans)]
+    return {"programs": len(self._programs), "total": len(self._all_programs), "choices": full}
+
+  def _chunk(self, slots, c: int, b: int, span: int) -> device.Chunk:
+    e = self.loaded
+    return device.Chunk(*self._run((b, c, span), e.state, self.params, slots, e.eos_ids))
 
   def _empty_slots(self):
-    e = self.engine
+    e = self.loaded
     draft = None if self.drafter is None else self.drafter.empty(self.params, e.model, self.max_batch, self.max_len,
                                                                  e.dtype, e.mesh)
     return device.Slots.init(e.config, self.max_batch, self.max_len, e.dtype, e.mesh, draft)
@@ -151,30 +195,35 @@ class Scheduler:
   def _prompt_bucket(self, n: int) -> int:
     return next(p for p in self.prompt_buckets if p >= n)
 
-  def _span(self, b: int, c: int) -> int:
-    """The positions the next chunk of choice `c` attends to: of the `spans` that hold the longest
-    live row plus what the chunk writes (a drafting chunk: each step's tree; a plain one: a token a
-    step, and as many for a draft model's catch-up), the one with the shortest step time (the
-    smallest before any is measured)."""
+  def _span(self, b: int, c: int) -> int | None:
+    """The positions the next chunk of choice `c` attends to: of the compiled `spans` that hold the
+    longest live row plus what the chunk writes (a drafting chunk: each step's tree; a plain one: a
+    token a step, and as many for a draft model's catch-up), the one with the shortest step time
+    (one not measured yet first, so it gets measured); None: none is compiled yet."""
     longest = max(len(r.prompt_ids) + len(r.token_ids) for r in self._live[:b] if r is not None)
     d = self.choices[c]
     writes = self.chunk_steps + 1 if d is None else self.chunk_steps * (d.tree.depth + 1) + d.tree.size
-    fits = [s for s in self.spans if s >= longest + writes]
-    return min(fits, key=lambda s: (self.step_seconds.get((b, c, s), 0.0), s))
+    fits = [s for s in self.spans if s >= longest + writes and self._available((b, c, s))]
+    return min(fits, key=lambda s: (self.step_seconds.get((b, c, s), 0.0), s), default=None)
 
   def warm_up(self) -> None:
-    """Compiles every (row bucket, choice, span) chunk, the prompt buckets' prefill and the
-    row moves, and times each chunk (best of 3) with every row live a quarter into the context
-    (put back there before each: a drafting step's cost depends on what its drafts match, e.g.
-    whether a gated lookup chain runs)."""
-    e = self.engine
+    """What serving needs first: plain chunks over the whole cache for every row bucket (timed,
+    best of 3, with every row live a quarter into the context), prefill of the shortest prompts
+    and of those, and the row moves. The other programs (prefill buckets, spans, drafting
+    choices) compile afterwards in the background (`compile_rest`) and join the choices as they
+    are ready; a request whose prompt bucket is not compiled yet compiles it."""
+    e = self.loaded
     slots = self._empty_slots()
+    self._shapes = jax.tree.map(  # placed where a mesh placed them; the others wherever programs put them
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None), slots)
     prompt = [min(e.pad_id + 3, e.config.vocab_size - 1)] * max(1, self.max_context // 4)
-    for p in self.prompt_buckets:
-      slots = self._insert(slots, 0, prompt[:p], p, budget=1)[0]
+    self.log(f"compiling plain decoding for {self.max_batch} slots of {self.max_context} tokens "
+             f"({len(self.buckets)} row buckets) ...")
+    begin = time.perf_counter()
+    slots = self._insert(slots, 0, prompt[:1], self.prompt_buckets[0], budget=1).slots
     for i in range(self.max_batch):
       slots = self._insert(slots, i, prompt, self._prompt_bucket(len(prompt)),
-                           budget=self.max_context - len(prompt), stop_on_eos=False)[0]
+                           budget=self.max_context - len(prompt), stop_on_eos=False).slots
     placed = jax.tree.map(jnp.copy, (slots.cache.lengths, slots.budget, slots.done))
 
     def rewound(rows):  # what the chunks wrote past the rows' lengths is never read
@@ -183,38 +232,57 @@ class Scheduler:
                                  done=done)
 
     for b in self.buckets:
-      for c in range(len(self.choices)):
-        for span in self.spans:
-          slots, tokens, _ = self._chunk(rewound(slots), c, b, span)  # compiles
-          jax.block_until_ready(tokens)
-          best = float("inf")
-          for _ in range(3):
-            slots = rewound(slots)
-            begin = time.perf_counter()
-            slots, tokens, _ = self._chunk(slots, c, b, span)
-            jax.block_until_ready(tokens)
-            best = min(best, time.perf_counter() - begin)
-          self._set_step_seconds((b, c, span), best / self.chunk_steps)
+      slots, tokens, _ = self._chunk(rewound(slots), 0, b, self.max_len)  # compiles
+      jax.block_until_ready(tokens)
+      best = float("inf")
+      for _ in range(3):
+        slots = rewound(slots)
+        start = time.perf_counter()
+        slots, tokens, _ = self._chunk(slots, 0, b, self.max_len)
+        jax.block_until_ready(tokens)
+        best = min(best, time.perf_counter() - start)
+      self._set_step_seconds((b, 0, self.max_len), best / self.chunk_steps)
     jax.block_until_ready(device.free_row(device.move_row(slots, jnp.int32(1 % self.max_batch), jnp.int32(0)),
                                           jnp.int32(0)))
     self._slots = self._empty_slots()
     self.ready = True
+    self.log(f"ready in {time.perf_counter() - begin:.1f} s: serving plain decoding; "
+             f"{len(self._all_programs) - len(self._programs)} more programs compile in the background")
+
+  def compile_rest(self) -> None:
+    """Compiles every program not compiled yet (prefill buckets, shorter spans, then each drafting
+    choice, cheapest first), each joining the scheduler's choices when ready; logs its progress."""
+    begin = time.perf_counter()
+    for key in self._all_programs:
+      if self._stop.is_set():
+        return
+      if key not in self._programs:
+        self._program(key)
+        if key[0] != "insert" and all((b, key[1], s) in self._programs for b in self.buckets for s in self.spans):
+          self.log(f"{self.names[key[1]]} ready for every row bucket ({len(self._programs)} of "
+                   f"{len(self._all_programs)} programs, {time.perf_counter() - begin:.1f} s)")
+    self.log(f"all {len(self._all_programs)} programs compiled")
 
   def _insert(self, slots, slot: int, ids: list[int], length: int, *, budget: int, temperature=0.0,
-              top_p=1.0, seed=0, stop_on_eos=True):
-    e = self.engine
+              top_p=1.0, seed=0, stop_on_eos=True) -> device.Inserted:
+    e = self.loaded
     tokens = np.full((1, length), e.pad_id, np.int32)
     tokens[0, : len(ids)] = ids
-    return device.insert(e.state, self.params, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
-                         jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(seed % (1 << 32)),
-                         jnp.int32(budget), jnp.bool_(stop_on_eos), e.eos_ids, graphdef=e.graphdef,
-                         drafter=self.drafter)
+    return device.Inserted(*self._run(
+        ("insert", length), e.state, self.params, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
+        jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(seed % (1 << 32)), jnp.int32(budget),
+        jnp.bool_(stop_on_eos), e.eos_ids))
 
-  def start(self) -> None:
+  def start(self, compile_rest: bool = True) -> None:
+    """Compiles what serving needs first (`warm_up`), starts serving, and compiles the rest in the
+    background (unless `compile_rest` is false)."""
     if not self.ready:
       self.warm_up()
     self._thread = threading.Thread(target=self._loop, name="medusa-scheduler", daemon=True)
     self._thread.start()
+    if compile_rest:
+      self._compiler = threading.Thread(target=self.compile_rest, name="medusa-compile", daemon=True)
+      self._compiler.start()
 
   # ---- requests ---------------------------------------------------------------------------------
 
@@ -314,9 +382,10 @@ class Scheduler:
     return sum(self.tokens_per_step[c, r.temperature > 0] for r in live) / max(1, len(live))
 
   def _observe_time(self, key: tuple[int, int, int], seconds: float) -> None:
-    """Folds a chunk's seconds per step into the running average of its (bucket, choice, span); a
-    time over twice the average (a pause on the host) counts as twice."""
-    old = self.step_seconds[key]
+    """Folds a chunk's seconds per step into the running average of its (bucket, choice, span) (the
+    first chunk of a program compiled in the background sets it); a time over twice the average (a
+    pause on the host) counts as twice."""
+    old = self.step_seconds.get(key, seconds)
     self._set_step_seconds(key, 0.8 * old + 0.2 * min(seconds, 2 * old))
 
   def _set_step_seconds(self, key: tuple[int, int, int], seconds: float) -> None:
@@ -330,14 +399,18 @@ class Scheduler:
     their estimates: after 32 chunks of the winner (counted per row bucket), then twice as many
     each time up to 256, and after 32 again once the winner changes."""
     spans = [self._span(b, c) for c in range(len(self.choices))]
-    rates = [self._expected_tokens(c, b) / self.step_seconds[(b, c, spans[c])] for c in range(len(self.choices))]
-    winner = max(range(len(rates)), key=lambda c: (rates[c], c))
+    ready = [c for c in range(len(self.choices)) if spans[c] is not None]
+    fresh = [c for c in ready if (b, c, spans[c]) not in self.step_seconds]
+    if fresh:  # compiled in the background and not yet measured: measure it on this chunk
+      return fresh[0], spans[fresh[0]]
+    rates = {c: self._expected_tokens(c, b) / self.step_seconds[(b, c, spans[c])] for c in ready}
+    winner = max(ready, key=lambda c: (rates[c], c))
     e = self._exploration[b]
     if winner != e.winner:
       e.winner, e.since, e.every, e.turn = winner, 0, EXPLORE_EVERY, 0
-    if e.since >= e.every and len(self.choices) > 1:
+    if e.since >= e.every and len(ready) > 1:
       e.since, e.every = 0, min(2 * e.every, 8 * EXPLORE_EVERY)
-      losers = [c for c in range(len(self.choices)) if c != winner]
+      losers = [c for c in ready if c != winner]
       loser, e.turn = losers[e.turn % len(losers)], e.turn + 1
       return loser, spans[loser]
     e.since += 1
@@ -377,7 +450,7 @@ class Scheduler:
     r.token_times.append(now)
     r.token_ids.extend(new)
     self.metrics.completion_tokens.inc(len(new))
-    text = self.engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    text = self.loaded.tokenizer.decode(r.token_ids, skip_special_tokens=True)
     cut = min((i for i in (text.find(s) for s in r.stop) if i >= 0), default=-1)
     if cut >= 0:
       r.text = text[:cut]

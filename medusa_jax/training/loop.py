@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from medusa_jax.cache import enable_compilation_cache
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa import draft_vocab
 from medusa_jax.medusa.heads import MedusaHeads
@@ -142,6 +143,7 @@ def train(cfg: TrainConfig, *, init_heads: MedusaHeads | None = None, progress: 
   `max_steps`); a later call resumes from the last checkpoint."""
   from tqdm import tqdm
 
+  enable_compilation_cache()
   run = setup(cfg, init_heads)
   mesh, base_graphdef, base_state = run.mesh, run.base_graphdef, run.base_state
   params, opt_state = run.params, run.opt_state

@@ -114,7 +114,7 @@ def head_accuracy(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
   lists), one prompt at a time, for ranks below `topk`. `answers`: those answers when already
   computed (`greedy_answers`; they depend on the base model alone, so several heads can share
   them)."""
-  engine.resolve_mode("medusa")
+  engine.plan(mode="medusa")  # a one-line error without heads
   num_heads = engine.heads_config.num_heads
   hits = np.zeros((num_heads, topk))
   total = np.zeros(num_heads)

@@ -20,7 +20,6 @@ from flax import nnx
 from medusa_jax.decode.drafters import DraftContext, HeadsDrafter
 from medusa_jax.decode.engine import Engine
 from medusa_jax.decode.plain import decode_step
-from medusa_jax.decode.sampling import SamplingParams
 from medusa_jax.decode.speculative import speculative_step
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.kv_cache import KVCache
@@ -34,10 +33,10 @@ def _step(state, heads_state, draft, cache: KVCache, root: jax.Array, hidden: ja
   model = nnx.merge(graphdef, state)
   key = jax.random.PRNGKey(0)
   if tree is None:
-    _, new = decode_step(model, cache, root, key, SamplingParams())
+    _, new = decode_step(model, cache, root, key, None)
   else:
     new = speculative_step(model, HeadsDrafter(heads_graphdef, tree), (heads_state, draft), cache,
-                           DraftContext.without_history(root, hidden), None, key, None)[2]
+                           DraftContext.without_history(root, hidden), None, key, None).cache
   return KVCache(new.keys, new.values, cache.lengths)
 
 

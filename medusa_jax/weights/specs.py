@@ -18,14 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medusa_jax.atomic import atomic_dir
+from medusa_jax.cache import cache_dir
 from medusa_jax.errors import MedusaError
 from medusa_jax.model.config import ModelConfig, preset
 from medusa_jax.model.llama import Llama
 from medusa_jax.model.tokenizer import ByteTokenizer
+from medusa_jax.weights import DTYPES, EMBEDDED_MODEL
 from medusa_jax.weights.hf import read_dir
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {name: getattr(jnp, name) for name in DTYPES}
 
 
 @dataclasses.dataclass
@@ -64,10 +65,6 @@ def default_heads(spec: str, *, medusa_type: bool = False) -> str | None:
   vLLM can load (trained on the same data)."""
   path = os.path.join(ASSETS, EMBEDDED_MODEL, "heads-medusa" if medusa_type else "heads")
   return path if spec == EMBEDDED_MODEL and os.path.isdir(path) else None
-
-
-def cache_dir() -> str:
-  return os.environ.get("MEDUSA_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medusa_jax"))
 
 
 def gguf_as_hf_dir(path: str) -> str:

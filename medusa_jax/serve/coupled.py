@@ -17,36 +17,34 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from medusa_jax.decode.sampling import top_p_filter
+from medusa_jax.decode.sampling import SamplingParams, sampling_logits
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowSettings:
-  """Device arrays, so a new setting never recompiles."""
+  """Each row's sampling settings and key: device arrays, so a new setting never recompiles."""
 
-  temperature: jax.Array  # `[batch]` float32; 0: greedy
-  top_p: jax.Array        # `[batch]` float32 in (0, 1]
-  key: jax.Array          # `[batch, 2]` uint32: each row's PRNG key (from its seed)
+  sampling: SamplingParams  # `[batch]` temperature (0: greedy) and top-p
+  key: jax.Array            # `[batch, 2]` uint32: each row's PRNG key (from its seed)
 
   @classmethod
-  def create(cls, temperature, top_p, seeds) -> "RowSettings":
+  def create(cls, temperature, top_p, seeds) -> RowSettings:
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
-    return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32), keys)
+    return cls(SamplingParams(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32)), keys)
 
 
 def target_logits(logits: jax.Array, positions: jax.Array, rows: RowSettings) -> jax.Array:
   """logits `[batch, n, vocab]` predicting the tokens at `positions` `[batch, n]` -> logits whose
   argmax is the row's token there: the logits themselves for greedy rows, else the sampling logits
   plus the Gumbel noise of (row key, position)."""
-  t = rows.temperature[:, None, None]
+  greedy = (rows.sampling.temperature <= 0)[:, None, None]
 
   def row_noise(key, pos):  # [n] -> [n, vocab]
     return jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), logits.shape[-1:]))(pos)
 
   def sampled(x):
-    scaled = top_p_filter(x / jnp.where(t > 0, t, 1.0), rows.top_p[:, None, None])
     noise = jax.vmap(row_noise)(rows.key, positions.astype(jnp.uint32))
-    return jnp.where(t > 0, scaled + noise, x)
+    return jnp.where(greedy, x, sampling_logits(x, rows.sampling) + noise)
 
-  return jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda x: x, logits)  # all greedy: as is
+  return jax.lax.cond(jnp.any(~greedy), sampled, lambda x: x, logits)  # all greedy: as is

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from medusa_jax.decode.coupled import RowSettings, target_logits
 from medusa_jax.decode.drafters import DraftContext, Drafter
 from medusa_jax.decode.plain import Emitted, prefill
-from medusa_jax.decode.speculative import speculative_step
+from medusa_jax.decode.speculative import Step, speculative_step
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.rows import write_rows
+from medusa_jax.serve.coupled import RowSettings, target_logits
 
 
 @jax.tree_util.register_dataclass
@@ -59,10 +59,6 @@ class Slots:
                jnp.zeros((slots, config.hidden_size), dtype),
                RowSettings.create(zeros(jnp.float32), zeros(jnp.float32) + 1, zeros()), zeros(),
                zeros(bool) | True, zeros(bool) | True, jnp.zeros((slots, max_len), jnp.int32), draft)
-
-  @property
-  def num_slots(self) -> int:
-    return self.root.shape[0]
 
 
 def _first(tree, n: int):
@@ -104,13 +100,19 @@ def _merge_view(slots: Slots, view: Slots) -> Slots:
                                       for k, c in caches.items()})
 
 
+class Inserted(NamedTuple):
+  slots: Slots
+  first: jax.Array  # `[]` the row's first new token
+  done: jax.Array   # `[]` whether the row is already done
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "drafter"), donate_argnums=(2,))
 def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array,
            temperature: jax.Array, top_p: jax.Array, seed: jax.Array, budget: jax.Array,
            stop_on_eos: jax.Array, eos_ids: jax.Array, *, graphdef: nnx.GraphDef, drafter: Drafter | None = None):
   """Prefills one right-padded prompt `tokens` `[1, P]` of `prompt_len` tokens into slot `slot`
   (and `drafter`'s state, with its `params`), with its settings (scalars) and a budget of
-  `budget` new tokens. Returns (slots, the first new token, whether the row is already done)."""
+  `budget` new tokens."""
   model = nnx.merge(graphdef, state)
   max_len, dtype = slots.cache.max_len, slots.cache.keys[0].dtype
   cache = KVCache.init(model.config, 1, max_len, dtype)
@@ -124,23 +126,28 @@ def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.
   history = jnp.zeros((slots.history.shape[1],), jnp.int32).at[:tokens.shape[1]].set(tokens[0])
   row = Slots(_row(cache, 0), first, hidden[0], _row(rows, 0), budget - 1, stop_on_eos, done,
               history.at[prompt_len].set(first), draft)
-  return _set_row(slots, row, slot), first, done
+  return Inserted(_set_row(slots, row, slot), first, done)
 
 
-def _plain_step(model, cache: KVCache, root, rows: RowSettings):
-  hidden, cache = model.hidden_states(root[:, None], cache.lengths[:, None], cache)
-  target = target_logits(model.logits(hidden), cache.lengths[:, None] + 1, rows)
+def _plain_step(model, s: Slots) -> Step:
+  hidden, cache = model.hidden_states(s.root[:, None], s.cache.lengths[:, None], s.cache)
+  target = target_logits(model.logits(hidden), s.cache.lengths[:, None] + 1, s.rows)
   nxt = jnp.argmax(target, axis=-1)[:, 0].astype(jnp.int32)
   ones = jnp.ones_like(nxt)
-  return nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0]
+  return Step(nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0], s.draft, None)
 
 
-def _tree_step(model, drafter, params, s: Slots, done):
+def _tree_step(model, drafter, params, s: Slots, done) -> Step:
   ctx = DraftContext(s.root, s.hidden, s.history, s.cache.lengths + 1)
-  new, n, cache, root, hidden, draft, path = speculative_step(
-      model, drafter, params, s.cache, ctx, s.draft, jax.random.PRNGKey(0), None,
-      functools.partial(target_logits, rows=s.rows))
-  return new, n, cache, root, hidden, drafter.commit(draft, path, n, done)
+  step = speculative_step(model, drafter, params, s.cache, ctx, s.draft, jax.random.PRNGKey(0), None,
+                          functools.partial(target_logits, rows=s.rows))
+  return step._replace(state=drafter.commit(step.state, step.path, step.count, done))
+
+
+class Chunk(NamedTuple):
+  slots: Slots
+  tokens: jax.Array  # `[bucket, steps * (depth + 1)]` what each row emitted
+  counts: jax.Array  # `[bucket]` how many
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "drafter", "bucket", "steps", "span", "plain"),
@@ -151,8 +158,7 @@ def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, gra
   heads, a grafted lookup chain, prompt lookup, a draft model; `drafters.py`), or plain when
   `plain` or it is None (a draft model's state then catches up at the chunk's end). They attend
   to their first `span` positions (None: all; it must hold every row's length plus what the
-  chunk writes: `steps * (depth + 1) + size` of the tree). Returns (slots, emitted tokens
-  `[bucket, steps * (depth + 1)]`, how many each row emitted `[bucket]`)."""
+  chunk writes: `steps * (depth + 1) + size` of the tree)."""
   model = nnx.merge(graphdef, state)
   tree = None if drafter is None or plain else drafter.tree
   live = _bucket_view(slots, bucket, span)
@@ -163,24 +169,20 @@ def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, gra
   def body(_, carry):
     s, out = carry
     done = out.done
-    if tree is None:
-      new, n, cache, root, hidden = _plain_step(model, s.cache, s.root, s.rows)
-      draft = s.draft
-    else:
-      new, n, cache, root, hidden, draft = _tree_step(model, drafter, params, s, done)
-    cache = dataclasses.replace(cache, lengths=jnp.where(done, s.cache.lengths, cache.lengths))
+    step = _plain_step(model, s) if tree is None else _tree_step(model, drafter, params, s, done)
+    cache = dataclasses.replace(step.cache, lengths=jnp.where(done, s.cache.lengths, step.cache.lengths))
     keep = done[:, None]
-    s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, root),
-                            hidden=jnp.where(keep, s.hidden, hidden.astype(s.hidden.dtype)),
-                            history=write_rows(s.history, new, s.cache.lengths + 1), draft=draft)
-    return s, out.record(new, n, eos_ids, s.budget, s.stop_on_eos)
+    s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, step.root),
+                            hidden=jnp.where(keep, s.hidden, step.hidden.astype(s.hidden.dtype)),
+                            history=write_rows(s.history, step.emitted, s.cache.lengths + 1), draft=step.state)
+    return s, out.record(step.emitted, step.count, eos_ids, s.budget, s.stop_on_eos)
 
   live, out = jax.lax.fori_loop(0, steps, body, (live, emitted))
   if tree is None and live.draft is not None:
     live = dataclasses.replace(live, draft=drafter.catch_up(params, model, live.draft, live.history,
                                                             live.cache.lengths, steps))
   live = dataclasses.replace(live, budget=live.budget - out.count, done=out.done)
-  return _merge_view(slots, live), out.tokens[:, :width], out.count
+  return Chunk(_merge_view(slots, live), out.tokens[:, :width], out.count)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

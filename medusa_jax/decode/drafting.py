@@ -1,0 +1,116 @@
+"""How a generation drafts and accepts: the one place where a `GenerationConfig` and a
+`LoadedModel` become what a decode loop runs (`Plan`). `Engine.generate_ids` and the server's
+`Scheduler` both call `resolve`; a new drafter is added here (and in `drafters.py`).
+
+Modes: "medusa" (the heads' tree, with the lookup chain `lookup` names: None takes the heads
+directory's, grafted on steps whose last `min_ngram` tokens occurred before), "lookup" (prompt
+lookup alone: a chain of `lookup` tokens, else `draft_tokens`), "draft" (the loaded draft model: a
+chain of `draft_tokens`, or the `draft_tree` of its top-k tokens), "beam" (beam search; with
+`beam_heads` every beam drafts the heads' tree), "baseline", and "auto": Medusa when heads are
+loaded, else the draft model when one is, else prompt lookup when `lookup` > 0 asks for it, else
+plain decoding. `draft_beams` > 0 builds the heads' tree each step (`BeamTreeDrafter`).
+
+Sampling settings come out as host arrays, one value per row (`SamplingParams`, `TypicalParams`):
+jit arguments, so a new temperature reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from medusa_jax.decode.acceptance import Rule, TypicalParams
+from medusa_jax.decode.beam import BeamParams
+from medusa_jax.decode.config import MODES, GenerationConfig
+from medusa_jax.decode.drafters import (
+  BeamTreeDrafter,
+  Drafter,
+  LookupDrafter,
+  ModelDrafter,
+  ModelParams,
+  heads_drafter,
+)
+from medusa_jax.decode.loaded import LoadedModel
+from medusa_jax.decode.sampling import SamplingParams
+from medusa_jax.errors import MedusaError
+from medusa_jax.medusa.tree import get_tree
+
+SERVED = ("medusa", "lookup", "draft", "baseline")  # the modes continuous batching runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything a decode loop needs for one generation."""
+
+  mode: str                         # baseline, medusa, lookup, draft or beam ("auto" resolved)
+  drafter: Drafter | None           # None: plain decoding (or plain beam search)
+  params: Any                       # the drafter's arrays (`drafters.py`)
+  rule: Rule                        # speculative acceptance: None (greedy), lossless or typical
+  sampling: SamplingParams | None   # plain decoding's: None (greedy) or temperature + top-p
+  beam: BeamParams | None = None    # beam search's settings (a static jit argument)
+
+  @property
+  def tree_size(self) -> int:
+    """Positions a step may write past a row's length: the drafter's tree (0 without one)."""
+    return 0 if self.drafter is None else self.drafter.tree.size
+
+
+def resolve_mode(mode: str, loaded: LoadedModel, config: GenerationConfig | None = None,
+                 modes: tuple[str, ...] = MODES) -> str:
+  """`mode` with "auto" resolved, or a one-line error when what it needs is not loaded."""
+  if mode == "auto":
+    lookup = config is not None and bool(config.lookup)
+    mode = ("medusa" if loaded.heads_graphdef is not None else "draft" if loaded.draft_model is not None
+            else "lookup" if lookup else "baseline")
+  if mode not in modes:
+    raise MedusaError(f"mode {mode!r} is not available here; use one of {', '.join(modes)}")
+  if (mode == "medusa" or (mode == "beam" and config is not None and config.beam_heads)) \
+      and loaded.heads_graphdef is None:
+    raise MedusaError(f"mode {mode}{' with beam_heads' if mode == 'beam' else ''} needs Medusa heads "
+                      "(load some with heads=...)")
+  if mode == "draft" and loaded.draft_model is None:
+    raise MedusaError("mode draft needs a draft model (draft_model='self:L' or a model spec)")
+  return mode
+
+
+def resolve(config: GenerationConfig, loaded: LoadedModel, *, batch: int = 1,
+            modes: tuple[str, ...] = MODES) -> Plan:
+  """The `Plan` of `config` on `loaded` for `batch` rows, or a one-line error (`modes`: those
+  the caller runs)."""
+  mode = resolve_mode(config.mode, loaded, config, modes)
+  sampling = None if config.temperature <= 0 else SamplingParams.create(config.temperature, config.top_p, batch)
+  rule: Rule = sampling
+  if sampling is not None and config.acceptance == "typical":
+    rule = TypicalParams(*(np.full((batch,), v, np.float32) for v in
+                           (config.temperature, config.posterior_threshold, config.posterior_alpha)))
+  drafter, params = None, None
+  if mode == "lookup":
+    drafter = LookupDrafter(config.lookup or config.draft_tokens, config.ngram)
+  elif mode == "draft":
+    model = loaded.draft_model
+    shape = get_tree(config.draft_tree, vocab_size=loaded.config.vocab_size) if config.draft_tree else None
+    drafter = ModelDrafter(model.graphdef, config.draft_tokens, model.num_layers, shape)
+    params = ModelParams(model.weights, rule if isinstance(rule, SamplingParams) else None)
+  elif mode == "medusa" or (mode == "beam" and config.beam_heads):
+    drafter, params = _heads(config if mode == "medusa" else config.replace(lookup=0), loaded)
+  beam = BeamParams(config.num_beams, config.length_penalty, config.early_stopping) if mode == "beam" else None
+  return Plan(mode, drafter, params, rule, sampling, beam)
+
+
+def _heads(config: GenerationConfig, loaded: LoadedModel):
+  """The heads' drafter and params: their static tree (with a lookup chain grafted on), or a
+  tree built each step from a beam search over them."""
+  params = (loaded.heads_state, loaded.draft_vocab)
+  if not config.draft_beams:
+    chain = loaded.lookup if config.lookup is None else config.lookup
+    return heads_drafter(loaded.heads_graphdef, loaded.tree, chain, config.ngram, config.min_ngram), params
+  depth = config.draft_depth or loaded.num_heads
+  if depth > loaded.num_heads:
+    raise MedusaError(f"draft_depth {depth} exceeds the {loaded.num_heads} heads")
+  vocab = len(loaded.draft_vocab.ids) if loaded.draft_vocab is not None else loaded.config.vocab_size
+  if config.draft_beams > vocab:
+    raise MedusaError(f"draft_beams {config.draft_beams} exceeds the {vocab}-token drafting vocabulary")
+  budget = config.tree_budget or config.draft_beams * depth + 1
+  return BeamTreeDrafter(loaded.heads_graphdef, config.draft_beams, depth, budget), params

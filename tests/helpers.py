@@ -1,0 +1,202 @@
+"""Helpers shared by the test modules, imported as `from helpers import ...` (pytest puts `tests/`
+on sys.path; subprocess scripts get it through PYTHONPATH). Fixtures live in conftest.py.
+
+JAX, Flax and medusa_jax are imported inside the functions, so the modules that only need `ROOT`
+(the command-line and start-up tests) stay light to import.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the ocean.",
+    "Explain how a refrigerator works in simple terms.",
+]
+
+
+# --- tiny models and heads -----------------------------------------------------------------------
+
+
+def random_heads(model, config=None, seed=0, scale=0.05):
+  """Heads with random non-zero weights everywhere (not the identity they start as); `config`
+  defaults to `HeadsConfig(4, 2, False)`."""
+  import jax
+  from flax import nnx
+
+  from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
+
+  heads = MedusaHeads.for_model(model, HeadsConfig(4, 2, False) if config is None else config)
+  graphdef, state = nnx.split(heads)
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(state))))
+  state = jax.tree.map(lambda x: x + scale * jax.random.normal(next(keys), x.shape), state)
+  return nnx.merge(graphdef, state)
+
+
+def random_prompts(seed, lengths):
+  """One prompt of random token ids (3 to 499) per length."""
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(3, 500, size=n)) for n in lengths]
+
+
+def permutation_model(seed=0, vocab=64):
+  """A backbone whose greedy next token is sigma(current token), for a random permutation sigma:
+  one-hot embeddings, zeroed attention and MLP outputs, lm_head = the permutation matrix."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from medusa_jax.model.config import preset
+  from medusa_jax.weights.specs import random_model
+
+  config = dataclasses.replace(preset("tiny"), vocab_size=vocab, hidden_size=vocab,
+                               tie_embeddings=False, eos_token_ids=(vocab - 1,))
+  model = random_model(config, seed=seed)
+  sigma = np.random.default_rng(seed).permutation(vocab)
+  model.embed.embedding[...] = jnp.eye(vocab)
+  model.lm_head.kernel[...] = jnp.eye(vocab)[sigma]  # row x -> one-hot sigma(x)
+  for layer in model.layers:
+    layer.attn.o[...] = jnp.zeros_like(layer.attn.o[...])
+    layer.mlp.down.kernel[...] = jnp.zeros_like(layer.mlp.down.kernel[...])
+  return model, sigma
+
+
+def oracle_heads(model, sigma, num_heads):
+  """Heads whose top-1 guess is always right: head k maps token x to sigma^(k+2)(x)."""
+  import jax.numpy as jnp
+
+  from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
+
+  heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, 1, share_lm_head=False))
+  power = sigma.copy()
+  for lm in heads.lm_heads:
+    power = sigma[power]
+    lm.kernel[...] = jnp.eye(len(sigma))[power]
+  return heads
+
+
+def oracle_hydra_heads(model, num_heads):
+  """Hydra heads whose top-1 guess is always right, sharing the base lm_head (sigma): head k's
+  features are the embedding of the token it reads (input kernel [0; 0; I]), so it predicts that
+  token's successor; only sequential drafting makes such heads right at every depth."""
+  import jax.numpy as jnp
+
+  from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
+
+  heads = MedusaHeads.for_model(model, HeadsConfig(num_heads, 1, True, "hydra"))
+  e = model.config.hidden_size
+  for linear in heads.inputs:
+    linear.kernel[...] = jnp.concatenate([jnp.zeros((2 * e, e)), jnp.eye(e)])
+  return heads
+
+
+def write_tiny_heads(path, num_heads: int = 3) -> None:
+  """Random Medusa heads (shared lm_head) for `random:tiny`, written as a heads directory."""
+  from medusa_jax.formats import medusa as medusa_format
+  from medusa_jax.medusa.heads import HeadsConfig
+  from medusa_jax.model.config import preset
+  from medusa_jax.weights.specs import random_model
+
+  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
+  medusa_format.write(str(path), random_heads(base, HeadsConfig(num_heads, 1, True)), base,
+                      base_model="random:tiny", lm_head_copies=False)
+
+
+# --- the server as a live process ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_server(tmp_path, *flags: str, env: dict | None = None):
+  """`infer/serve.py *flags` on a free port of 127.0.0.1, logging to `tmp_path` -> (process, base
+  url) once /health answers 200."""
+  import httpx
+
+  port = _free_port()
+  log = open(tmp_path / f"server-{port}.log", "w")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer", "serve.py"), "--port", str(port), *flags],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  base = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()[-3000:]
+    try:
+      health = httpx.get(f"{base}/health", timeout=2)
+    except httpx.HTTPError:
+      health = None
+    if health is not None and health.status_code == 200:
+      return proc, base
+    if health is not None and health.status_code == 500:
+      proc.kill()
+      raise AssertionError(health.text)
+    time.sleep(0.5)
+  proc.kill()
+  raise AssertionError("the server did not become healthy")
+
+
+# --- sampling statistics -------------------------------------------------------------------------
+# How far sampled tokens stray from the exact distributions they should follow, in standard
+# deviations. Shared by the lossless-sampling tests of every drafter.
+#
+# Each sampled token i comes with the exact distribution `probs[i]` it should have been drawn from
+# given everything before it (a Markov chain's transition row, or a teacher-forced forward of the
+# target). Under exact sampling, three statistics are standard normal for many tokens:
+#
+# - calibration: the randomised probability integral transform of each token (tokens ordered by
+#   decreasing probability) is uniform and independent; a chi-square over 20 bins, as a z-score;
+# - directed: the count of tokens in a set where an error shows first (`over[i]`, e.g. the tokens a
+#   drafter proposes) against its expectation, the martingale variance as its scale;
+# - dispersion: the same residual summed per row, squared and pooled over rows, against its
+#   expectation: a row whose steps reuse random numbers makes its tokens move together.
+
+
+def deviation(probs: np.ndarray, tokens: np.ndarray, over: np.ndarray, rows: np.ndarray,
+              seed: int = 0) -> float:
+  """probs `[N, V]` exact distributions, tokens `[N]` drawn from them, over `[N, V]` bool, rows
+  `[N]` the row (sequence) of each token -> the largest |z| of the three statistics (inf for a
+  token outside its distribution's support)."""
+  n = np.arange(len(tokens))
+  p_token = probs[n, tokens]
+  if (p_token <= 0).any():
+    return np.inf
+  order = np.argsort(-probs, axis=1, kind="stable")
+  rank = np.argsort(order, axis=1)[n, tokens]
+  below = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)[n, rank] - p_token
+  pit = below + np.random.default_rng(seed).uniform(size=len(tokens)) * p_token
+  counts = np.bincount(np.minimum((pit * 20).astype(int), 19), minlength=20)
+  expected = len(tokens) / 20
+  calibration = (np.sum((counts - expected) ** 2 / expected) - 19) / np.sqrt(38)
+
+  mass = np.sum(probs * over, axis=1)
+  residual = over[n, tokens] - mass
+  variance = mass * (1 - mass)
+  directed = residual.sum() / np.sqrt(variance.sum())
+
+  _, row = np.unique(rows, return_inverse=True)
+  per_row = np.bincount(row, weights=residual) ** 2
+  row_variance = np.bincount(row, weights=variance)
+  used = row_variance > 0
+  dispersion = (per_row[used].sum() / row_variance[used].sum() - 1) * np.sqrt(used.sum() / 2)
+  return float(max(abs(calibration), abs(directed), abs(dispersion)))
+
+
+def markov_deviation(samples: np.ndarray, starts: np.ndarray, transition: np.ndarray,
+                     over: np.ndarray) -> float:
+  """`deviation` of sampled sequences `[rows, n]` after tokens `starts` `[rows]` from a Markov
+  chain's `transition` `[V, V]`, with `over` `[V, V]` bool (next tokens suspected after each)."""
+  prev = np.concatenate([starts[:, None], samples[:, :-1]], axis=1).ravel()
+  rows = np.repeat(np.arange(len(samples)), samples.shape[1])
+  return deviation(transition[prev], samples.ravel(), over[prev], rows)
