@@ -175,12 +175,15 @@ class Scheduler:
     self.metrics.compiled_programs.labels("ready").set(len(self._programs))
     self.metrics.compiled_programs.labels("total").set(len(self._all_programs))
 
+  def _ready_choices(self) -> list[str]:
+    """The choices compiled for every row bucket (at one span at least)."""
+    return [n for c, n in enumerate(self.names)
+            if all(any((b, c, s) in self._programs for s in self.spans) for b in self.buckets)]
+
   @property
   def compiled(self) -> dict:
-    """What is compiled: programs done and in all, and the choices that run for every row bucket."""
-    full = [n for c, n in enumerate(self.names)
-            if all((b, c, s) in self._programs for b in self.buckets for s in self.spans)]
-    return {"programs": len(self._programs), "total": len(self._all_programs), "choices": full}
+    """What is compiled: programs done and in all, and the choices ready for every row bucket."""
+    return {"programs": len(self._programs), "total": len(self._all_programs), "choices": self._ready_choices()}
 
   def _chunk(self, slots, c: int, b: int, span: int) -> device.Chunk:
     e = self.loaded
@@ -253,15 +256,18 @@ class Scheduler:
     """Compiles every program not compiled yet (prefill buckets, shorter spans, then each drafting
     choice, cheapest first), each joining the scheduler's choices when ready; logs its progress."""
     begin = time.perf_counter()
+    ready = set(self._ready_choices())
     for key in self._all_programs:
       if self._stop.is_set():
         return
       if key not in self._programs:
         self._program(key)
-        if key[0] != "insert" and all((b, key[1], s) in self._programs for b in self.buckets for s in self.spans):
-          self.log(f"{self.names[key[1]]} ready for every row bucket ({len(self._programs)} of "
-                   f"{len(self._all_programs)} programs, {time.perf_counter() - begin:.1f} s)")
-    self.log(f"all {len(self._all_programs)} programs compiled")
+        for name in self._ready_choices():
+          if name not in ready:
+            ready.add(name)
+            self.log(f"{name} ready for every row bucket ({len(self._programs)} of {len(self._all_programs)} "
+                     f"programs, {time.perf_counter() - begin:.1f} s)")
+    self.log(f"all {len(self._all_programs)} programs compiled in {time.perf_counter() - begin:.1f} s")
 
   def _insert(self, slots, slot: int, ids: list[int], length: int, *, budget: int, temperature=0.0,
               top_p=1.0, seed=0, stop_on_eos=True) -> device.Inserted:
