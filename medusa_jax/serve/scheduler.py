@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.cache import compiled_program
 from medusa_jax.decode.config import GenerationConfig
 from medusa_jax.decode.drafters import cheaper_drafters
 from medusa_jax.decode.drafting import SERVED, resolve
@@ -136,27 +137,27 @@ class Scheduler:
 
   # ---- start-up ---------------------------------------------------------------------------------
 
-  def _lower(self, key: tuple):
-    """The lowered program of `key`: ("insert", prompt bucket) or (row bucket, choice, span)."""
+  def _compile(self, key: tuple):
+    """The program of `key`, ("insert", prompt bucket) or (row bucket, choice, span), compiled (or
+    read from the cache, `medusa_jax/cache.py`) for the slots' shapes."""
     e = self.loaded
     if key[0] == "insert":
       scalar = jax.ShapeDtypeStruct((), jnp.int32)
-      return device.insert.lower(
-          e.state, self.params, self._shapes, scalar, jax.ShapeDtypeStruct((1, key[1]), jnp.int32), scalar,
-          jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
-          jax.ShapeDtypeStruct((), jnp.uint32), scalar, jax.ShapeDtypeStruct((), jnp.bool_), e.eos_ids,
-          graphdef=e.graphdef, drafter=self.drafter)
+      args = (e.state, self.params, self._shapes, scalar, jax.ShapeDtypeStruct((1, key[1]), jnp.int32), scalar,
+              jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+              jax.ShapeDtypeStruct((), jnp.uint32), scalar, jax.ShapeDtypeStruct((), jnp.bool_), e.eos_ids)
+      return compiled_program(device.insert, args, dict(graphdef=e.graphdef, drafter=self.drafter))
     b, c, span = key
     drafter = self.choices[c]
-    return device.run_chunk.lower(e.state, self.params, self._shapes, e.eos_ids, graphdef=e.graphdef,
-                                  drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps, span=span,
-                                  plain=drafter is None)
+    static = dict(graphdef=e.graphdef, drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps,
+                  span=span, plain=drafter is None)
+    return compiled_program(device.run_chunk, (e.state, self.params, self._shapes, e.eos_ids), static)
 
   def _program(self, key: tuple):
     """The compiled program of `key` (compiled now if the background has not yet)."""
     program = self._programs.get(key)
     if program is None:
-      program = self._programs.setdefault(key, self._lower(key).compile())
+      program = self._programs.setdefault(key, self._compile(key))
       self._report_compiled()
     return program
 
