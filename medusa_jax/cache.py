@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import threading
 
 from medusa_jax.atomic import atomic_file
 
@@ -128,8 +129,22 @@ def _program_path(name: str, static: dict, args) -> str | None:
   if described is None:
     return None
   leaves = [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in jax.tree.leaves(args)]
-  key = repr((name, described, str(jax.tree.structure(args)), leaves, _environment()))
+  key = repr((1, name, described, str(jax.tree.structure(args)), leaves, _environment()))
   return os.path.join(cache_dir(), "programs", f"{name}-{hashlib.sha256(key.encode()).hexdigest()}")
+
+
+_hits = threading.local()  # JAX persistent-cache hits of the compilation running in this thread
+
+
+@functools.cache
+def _listen_for_cache_hits() -> None:
+  import jax.monitoring
+
+  def count(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+      _hits.count = getattr(_hits, "count", 0) + 1
+
+  jax.monitoring.register_event_listener(count)
 
 
 def compiled_program(fn, args: tuple, static: dict):
@@ -150,9 +165,11 @@ def compiled_program(fn, args: tuple, static: dict):
                                                        execution_devices=[devices[i] for i in device_ids])
     except Exception:  # written by another version, or damaged: compile it again
       pass
+  _listen_for_cache_hits()
+  _hits.count = 0
   program = fn.lower(*args, **static).compile()
-  if path is not None:
-    try:  # with the devices it runs on, in their order (a mesh's)
+  if path is not None and not _hits.count:  # (an executable JAX read from its own cache does not
+    try:  # serialise whole on every backend); with the devices it runs on, in their order (a mesh's)
       device_ids = [d.id for d in program.runtime_executable().local_devices()]
       data = pickle.dumps((serialize_executable.serialize(program), device_ids))
       os.makedirs(os.path.dirname(path), exist_ok=True)
