@@ -9,8 +9,11 @@ whose KV cache rows live beside the slots' (`slots.py`).
 Adaptive speculation: each chunk runs one of the `choices`: plain decoding, cheaper drafters
 (`drafters.cheaper_drafters`: the heads' tree without the lookup chain; their top guess alone
 under a large tree) or the full drafter, whichever is predicted to emit the most tokens per second for the live
-rows. The step time of each (row bucket, choice, attention span) is measured at start-up, then
-kept as a running average of the chunks' own times while serving. The tokens per step of each
+rows. Start-up compiles and times plain decoding first and serves it at once; the other programs
+(prefill lengths, attention spans, drafting choices) compile in a background thread and join
+the choices when ready. The step time of each (row bucket, choice, attention span) is measured
+at start-up or on the program's first chunk, then kept as a running average of the chunks' own
+times while serving. The tokens per step of each
 drafter are the ones observed while serving, for greedy and for sampling rows apart; a chunk
 expects the mean over its live rows. The losing choices still run now and then, in turn, to
 refresh their estimates.
