@@ -37,8 +37,7 @@ def test_a_second_process_reads_the_compiled_programs(tmp_path):
   assert first["misses"] > 0 and first["hits"] == 0
   assert os.listdir(tmp_path / "jax")
   second = _run(tmp_path)
-  # every program read from disk (the decode loop from the engine's own cache, below; the rest JAX's)
-  assert second["misses"] == 0 and 0 < second["hits"] < first["misses"]
+  assert second["misses"] == 0 and second["hits"] == first["misses"]  # every program read from disk
   assert second["tokens"] == first["tokens"]
 
 
@@ -46,32 +45,3 @@ def test_the_switch_turns_it_off(tmp_path):
   off = _run(tmp_path, MEDUSA_JAX_COMPILATION_CACHE="0")
   assert off["misses"] == off["hits"] == 0 and not (tmp_path / "jax").exists()
 
-
-TRACES = """
-import json, sys, jax.monitoring
-import medusa_jax
-engine = medusa_jax.load("random:tiny", heads=None)
-events = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, fun_name="", **__: events.append(fun_name) if name.endswith("jaxpr_trace_duration") else None)
-out = engine.generate_ids([[5, 6, 7, 8]], max_new_tokens=6, mode=sys.argv[1])
-print(json.dumps({"tokens": out.tokens.tolist(), "traces": sum(f.endswith("_generate") for f in events)}))
-"""
-
-
-def test_a_second_process_runs_the_decode_loop_without_tracing_it(tmp_path):
-  """The engine's compiled loops are found by what they depend on: a second process runs them
-  without tracing them and gives the same tokens; another mode is not mistaken for the cached
-  one."""
-  def run(mode):
-    env = {**os.environ, "MEDUSA_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", TRACES, mode], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-  first = run("baseline")
-  assert first["traces"] > 0 and os.listdir(tmp_path / "programs")
-  second = run("baseline")
-  assert second == {"tokens": first["tokens"], "traces": 0}
-  assert run("lookup")["traces"] > 0

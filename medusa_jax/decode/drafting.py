@@ -57,17 +57,15 @@ class Plan:
     return 0 if self.drafter is None else self.drafter.tree.size
 
 
-def resolve_mode(mode: str, loaded: LoadedModel, config: GenerationConfig | None = None,
-                 modes: tuple[str, ...] = MODES) -> str:
-  """`mode` with "auto" resolved, or a one-line error when what it needs is not loaded."""
+def _mode(config: GenerationConfig, loaded: LoadedModel, modes: tuple[str, ...]) -> str:
+  """`config.mode` with "auto" resolved, or a one-line error when what it needs is not loaded."""
+  mode = config.mode
   if mode == "auto":
-    lookup = config is not None and bool(config.lookup)
     mode = ("medusa" if loaded.heads_graphdef is not None else "draft" if loaded.draft_model is not None
-            else "lookup" if lookup else "baseline")
+            else "lookup" if config.lookup else "baseline")
   if mode not in modes:
     raise MedusaError(f"mode {mode!r} is not available here; use one of {', '.join(modes)}")
-  if (mode == "medusa" or (mode == "beam" and config is not None and config.beam_heads)) \
-      and loaded.heads_graphdef is None:
+  if (mode == "medusa" or (mode == "beam" and config.beam_heads)) and loaded.heads_graphdef is None:
     raise MedusaError(f"mode {mode}{' with beam_heads' if mode == 'beam' else ''} needs Medusa heads "
                       "(load some with heads=...)")
   if mode == "draft" and loaded.draft_model is None:
@@ -79,7 +77,7 @@ def resolve(config: GenerationConfig, loaded: LoadedModel, *, batch: int = 1,
             modes: tuple[str, ...] = MODES) -> Plan:
   """The `Plan` of `config` on `loaded` for `batch` rows, or a one-line error (`modes`: those
   the caller runs)."""
-  mode = resolve_mode(config.mode, loaded, config, modes)
+  mode = _mode(config, loaded, modes)
   sampling = None if config.temperature <= 0 else SamplingParams.create(config.temperature, config.top_p, batch)
   rule: Rule = sampling
   if sampling is not None and config.acceptance == "typical":

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medusa_jax.cache import compiled_program, enable_compilation_cache
+from medusa_jax.cache import enable_compilation_cache
 from medusa_jax.decode.beam import beam_generate, speculative_beam_generate
 from medusa_jax.decode.config import GenerationConfig
 from medusa_jax.decode.drafting import Plan, resolve
@@ -127,7 +127,7 @@ class Engine:
            tuple(sorted(static.items(), key=lambda kv: kv[0])))
     if key not in self._compiled:
       start = time.perf_counter()
-      self._compiled[key] = compiled_program(fn, args, static)
+      self._compiled[key] = fn.lower(*args, **static).compile()
       self.compile_seconds += time.perf_counter() - start
     start = time.perf_counter()
     out = jax.device_get(self._compiled[key](*args))
@@ -223,7 +223,7 @@ class Engine:
     Medusa at temperature 0 is greedy and identical to baseline greedy decoding. Sampling
     settings are arrays of the compiled programs, so a new temperature or top-p compiles nothing."""
     config = (config or GenerationConfig()).replace(**settings)
-    plan = resolve(config, self.loaded, batch=len(prompts))
+    plan = self.plan(config, batch=len(prompts))
     max_new_tokens = config.max_new_tokens
     extra = plan.tree_size
     length = self._check_lengths(prompts, max_new_tokens, extra)

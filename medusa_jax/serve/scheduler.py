@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax.cache import compiled_program
 from medusa_jax.decode.config import GenerationConfig
 from medusa_jax.decode.drafters import cheaper_drafters
 from medusa_jax.decode.drafting import SERVED, resolve
@@ -141,20 +140,20 @@ class Scheduler:
   # ---- start-up ---------------------------------------------------------------------------------
 
   def _compile(self, key: tuple):
-    """The program of `key`, ("insert", prompt bucket) or (row bucket, choice, span), compiled (or
-    read from the cache, `medusa_jax/cache.py`) for the slots' shapes."""
+    """The program of `key`, ("insert", prompt bucket) or (row bucket, choice, span), compiled for
+    the slots' shapes."""
     e = self.loaded
     if key[0] == "insert":
       scalar = jax.ShapeDtypeStruct((), jnp.int32)
       args = (e.state, self.params, self._shapes, scalar, jax.ShapeDtypeStruct((1, key[1]), jnp.int32), scalar,
               jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
               jax.ShapeDtypeStruct((), jnp.uint32), scalar, jax.ShapeDtypeStruct((), jnp.bool_), e.eos_ids)
-      return compiled_program(device.insert, args, dict(graphdef=e.graphdef, drafter=self.drafter))
+      return device.insert.lower(*args, graphdef=e.graphdef, drafter=self.drafter).compile()
     b, c, span = key
     drafter = self.choices[c]
     static = dict(graphdef=e.graphdef, drafter=drafter or self.drafter, bucket=b, steps=self.chunk_steps,
                   span=span, plain=drafter is None)
-    return compiled_program(device.run_chunk, (e.state, self.params, self._shapes, e.eos_ids), static)
+    return device.run_chunk.lower(e.state, self.params, self._shapes, e.eos_ids, **static).compile()
 
   def _program(self, key: tuple):
     """The compiled program of `key` (compiled now if the background has not yet)."""
@@ -165,12 +164,13 @@ class Scheduler:
     return program
 
   def _run(self, key: tuple, *args):
-    """Runs the compiled program of `key` on `args`, each placed as the program takes it (on a
-    mesh, arrays made outside a program are moved to its shardings)."""
+    """Runs the compiled program of `key` on the weights, the drafter's params and `args`, each of
+    `args` placed as the program takes it (on a mesh, arrays made outside a program are moved to
+    its shardings; the weights and params were placed once, when loaded)."""
     program = self._program(key)
     args = jax.tree.map(lambda x, want: x if x.sharding == want else jax.device_put(x, want), args,
-                        program.input_shardings[0])
-    return program(*args)
+                        program.input_shardings[0][2:])
+    return program(self.loaded.state, self.params, *args)
 
   def _available(self, key: tuple[int, int, int]) -> bool:
     return key in self._programs or key in self.step_seconds
@@ -191,7 +191,7 @@ class Scheduler:
 
   def _chunk(self, slots, c: int, b: int, span: int) -> device.Chunk:
     e = self.loaded
-    return device.Chunk(*self._run((b, c, span), e.state, self.params, slots, e.eos_ids))
+    return device.Chunk(*self._run((b, c, span), slots, e.eos_ids))
 
   def _empty_slots(self):
     e = self.loaded
@@ -279,7 +279,7 @@ class Scheduler:
     tokens = np.full((1, length), e.pad_id, np.int32)
     tokens[0, : len(ids)] = ids
     return device.Inserted(*self._run(
-        ("insert", length), e.state, self.params, slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
+        ("insert", length), slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(ids)),
         jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(seed % (1 << 32)), jnp.int32(budget),
         jnp.bool_(stop_on_eos), e.eos_ids))
 
