@@ -55,7 +55,8 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   """Loads a model spec (see `medusa_jax.weights.specs`) and Medusa heads into an `Engine`.
 
   `heads`: "default" (the project's shipped heads for the embedded model, none otherwise), a
-  Medusa/TGI, vLLM or orbax training directory, or None for the base model alone. `tree`: a tree
+  Medusa/TGI, vLLM, EAGLE drafter or orbax training directory, or None for the base model alone
+  (`load_heads`). `tree`: a tree
   name or list of paths (default: the tree shipped with the heads, else `mc_sim_7b_63` cut to the
   heads' depth; with its tree, Medusa also grafts on the prompt-lookup chain `tree.json` names).
   `draft_vocab`: the heads guess among the N most frequent answer tokens listed in
@@ -67,24 +68,16 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   """
   from medusa_jax.cache import enable_compilation_cache
   from medusa_jax.decode.engine import Engine
-  from medusa_jax.formats.layout import read_heads
-  from medusa_jax.medusa import draft_vocab as draft_file
-  from medusa_jax.medusa.tree import default_tree
   from medusa_jax.model.sharding import parse_mesh
   from medusa_jax.weights import specs
 
   enable_compilation_cache()
   loaded = specs.load(spec, dtype=dtype, seed=seed)
+  engine = Engine(loaded.model, loaded.tokenizer, name=loaded.name, max_cache_len=max_cache_len,
+                  mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh)
   heads_path = specs.default_heads(spec) if heads == "default" else heads
-  medusa_heads = read_heads(heads_path, loaded.model) if heads_path else None
-  engine_tree, ids, lookup = None, None, 0
-  if medusa_heads is not None:
-    shipped = default_tree(heads_path, medusa_heads.config.num_heads)
-    engine_tree, lookup = (shipped.paths, shipped.lookup) if tree is None else (tree, 0)
-    ids = draft_file.read(heads_path, draft_vocab)
-  engine = Engine(loaded.model, loaded.tokenizer, heads=medusa_heads, tree=engine_tree,
-                  name=loaded.name, max_cache_len=max_cache_len, draft_vocab=ids,
-                  mesh=parse_mesh(mesh) if isinstance(mesh, str) else mesh, lookup=lookup)
+  if heads_path:
+    engine = load_heads(engine, heads_path, tree=tree, draft_vocab=draft_vocab)
   if draft_model and not draft_model.startswith("self:"):
     drafter = specs.load(draft_model, dtype=dtype, seed=seed)
     engine.set_draft_model(drafter.model, drafter.tokenizer)
@@ -93,5 +86,24 @@ def load(spec: str = EMBEDDED_MODEL, *, heads: str | None = "default", tree=None
   return engine
 
 
+def load_heads(engine: Engine, path: str, *, tree=None, draft_vocab: int = _DRAFT_VOCAB_SIZE) -> Engine:
+  """`engine`'s backbone with the heads in `path` (any heads directory: Medusa or Hydra heads, an
+  EAGLE drafter, a training run; `medusa_jax.formats.layout`): their shipped tree and lookup chain
+  unless `tree` names one, and the `draft_vocab` most frequent ids of their drafting vocabulary (an
+  EAGLE drafter always drafts over all of its own)."""
+  from medusa_jax.formats.layout import read_draft_ids, read_heads
+  from medusa_jax.medusa.eagle import EagleHead
+  from medusa_jax.medusa.tree import default_tree
+
+  heads = read_heads(path, engine.model)
+  if isinstance(heads, EagleHead):
+    return engine.with_heads(heads, tree=tree, draft_vocab=read_draft_ids(path, None))
+  lookup = 0
+  if tree is None:
+    shipped = default_tree(path, heads.config.num_heads)
+    tree, lookup = shipped.paths, shipped.lookup
+  return engine.with_heads(heads, tree=tree, draft_vocab=read_draft_ids(path, draft_vocab), lookup=lookup)
+
+
 __all__ = ["Engine", "Generation", "GenerationConfig", "GenerationResult", "MedusaError",
-           "ModelConfig", "load", "preset", "EMBEDDED_MODEL"]
+           "ModelConfig", "load", "load_heads", "preset", "EMBEDDED_MODEL"]

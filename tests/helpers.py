@@ -99,6 +99,56 @@ def oracle_hydra_heads(model, num_heads):
   return heads
 
 
+def oracle_eagle(model, successor, lm_kernel, width=3, depth=3, budget=10):
+  """An EAGLE drafter for a model whose residual stream is the one-hot embedding of the current
+  token (`permutation_model`, a Markov-chain model): its fused features select the token x_t, its
+  MLP turns one-hot(i) into one-hot(successor[i]) (attention output zeroed), and its lm_head
+  `lm_kernel` `[V, V]` (row i: the logits after token i) ranks the tokens after that. With
+  successor sigma and lm_head sigma it is always right at every depth."""
+  import jax
+  import jax.numpy as jnp
+
+  from medusa_jax.medusa.eagle import EagleConfig, EagleHead, default_taps
+
+  v = model.config.vocab_size
+  config = EagleConfig(default_taps(model.config.num_layers), v, width, depth, budget)
+  head = EagleHead.for_model(model, config, np.arange(v, dtype=np.int32))
+  eye = jnp.eye(v)
+  head.fc.kernel[...] = jnp.concatenate([eye] + [jnp.zeros((v, v))] * (len(config.taps) - 1))
+  head.attn.o[...] = jnp.zeros_like(head.attn.o[...])
+  for norm in (head.mlp_norm, head.norm):
+    norm.scale[...] = jnp.ones_like(norm.scale[...])
+  width_mlp = head.mlp.gate.kernel[...].shape[1]
+  pad = jnp.zeros((v, width_mlp - v))
+  head.mlp.gate.kernel[...] = jnp.concatenate([eye, pad], axis=1)
+  head.mlp.up.kernel[...] = jnp.concatenate([eye, pad], axis=1)
+  unit = float(jax.nn.silu(jnp.sqrt(v)) * jnp.sqrt(v))  # unit i's value for the normed one-hot(i)
+  moves = (eye[np.asarray(successor)] - eye) / unit
+  head.mlp.down.kernel[...] = jnp.concatenate([moves, jnp.zeros((width_mlp - v, v))])
+  head.lm_head.kernel[...] = jnp.asarray(lm_kernel, jnp.float32)
+  return head
+
+
+def write_tiny_eagle(path) -> None:
+  """A random EAGLE drafter (drafting vocabulary: ids 3..258) for `random:tiny`, written as an EAGLE
+  drafter directory."""
+  import jax
+  from flax import nnx
+
+  from medusa_jax.formats import eagle as eagle_format
+  from medusa_jax.medusa.eagle import EagleConfig, EagleHead, default_taps
+  from medusa_jax.model.config import preset
+  from medusa_jax.weights.specs import random_model
+
+  base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
+  ids = np.arange(3, 259, dtype=np.int32)
+  head = EagleHead.for_model(base, EagleConfig(default_taps(base.config.num_layers), len(ids), 2, 3, 6), ids)
+  graphdef, state = nnx.split(head)
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree.leaves(state))))
+  head = nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  eagle_format.write(str(path), head, ids, base, base_model="random:tiny")
+
+
 def write_tiny_heads(path, num_heads: int = 3) -> None:
   """Random Medusa heads (shared lm_head) for `random:tiny`, written as a heads directory."""
   from medusa_jax.formats import medusa as medusa_format

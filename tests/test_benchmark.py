@@ -8,13 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_tiny_heads
+from helpers import ROOT, write_tiny_eagle, write_tiny_heads
 
 from medusa_jax.medusa.tree import get_tree
 
 
 def test_benchmark_cli(tmp_path):
+  """Also an EAGLE drafter beside the heads in the same run (`medusa:heads=DIR`)."""
   write_tiny_heads(tmp_path / "heads")
+  write_tiny_eagle(tmp_path / "eagle")
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"turns": ["hello there", "and again"], "category": "chat"}\n'
                      '{"turns": ["what is two plus two"], "category": "math"}\n'
@@ -23,7 +25,8 @@ def test_benchmark_cli(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer", "benchmark.py"), "--prompts",
                          str(prompts), "--model", "random:tiny", "--heads", str(tmp_path / "heads"),
                          "--tree", "chain3", "--max-new-tokens", "12", "--batch-size", "2",
-                         "--modes", "medusa", "lookup", "hybrid", "hybrid:min_ngram=2", "--lookup", "3",
+                         "--modes", "medusa", "lookup", "hybrid", "hybrid:min_ngram=2",
+                         f"medusa:heads={tmp_path / 'eagle'},tree_budget=5", "--lookup", "3",
                          "--out", str(out), "--plot", str(tmp_path / "p.png")],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
@@ -37,7 +40,10 @@ def test_benchmark_cli(tmp_path):
   assert o["speedup"] == pytest.approx(o["mean_accepted_tokens"] / o["step_cost_ratio"], rel=1e-9)
   assert len(r["prompts"]) == 4 and (tmp_path / "p.png").stat().st_size > 0
   assert "overall" in proc.stdout
-  assert set(r["modes"]) == {"medusa", "lookup", "hybrid", "hybrid:min_ngram=2"} and r["modes"]["medusa"]["overall"] == o
+  eagle = f"medusa:heads={tmp_path / 'eagle'},tree_budget=5"
+  assert set(r["modes"]) == {"medusa", "lookup", "hybrid", "hybrid:min_ngram=2", eagle}
+  assert r["modes"]["medusa"]["overall"] == o
+  assert r["modes"][eagle]["overall"]["identical_fraction"] == 1.0
   for m in r["modes"].values():  # every drafter is lossless under greedy decoding
     assert m["overall"]["identical_fraction"] == 1.0
   assert "[hybrid]" in proc.stdout

@@ -195,12 +195,12 @@ SAMPLING_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0
 
 
 def test_lossless_sampling_draws_from_the_models_distribution(monkeypatch):
-  """Tree sampling (Medusa heads, prompt lookup, both) against the exact transitions of a
+  """Tree sampling (Medusa heads, prompt lookup, both, an EAGLE drafter) against the exact transitions of a
   Markov-chain model whose most likely next token has ~0.9 of the mass, rows starting from
   different tokens (`tests/helpers.py`; the baseline passes the same check). It fails for
   typical acceptance (not lossless), an acceptance probability 3% too high, and a step key reused
   every step. Heads guess the most likely tokens k + 2 ahead, so steps accept several tokens."""
-  from helpers import markov_deviation
+  from helpers import markov_deviation, oracle_eagle
 
   from medusa_jax.decode import acceptance, speculative
 
@@ -218,8 +218,9 @@ def test_lossless_sampling_draws_from_the_models_distribution(monkeypatch):
   prompts = [[3, 5, int(s)] for s in starts]
   likeliest = transition == transition.max(axis=1, keepdims=True)  # what the heads propose first
 
-  def deviation(**settings):  # a new engine each time: it keeps what it compiled
-    engine = Engine(model, ByteTokenizer(), heads=heads, tree=SAMPLING_TREE, max_cache_len=64)
+  def deviation(drafter=None, **settings):  # a new engine each time: it keeps what it compiled
+    drafter = drafter or dict(heads=heads, tree=SAMPLING_TREE)
+    engine = Engine(model, ByteTokenizer(), max_cache_len=64, **drafter)
     engine.eos_ids = jnp.asarray([-1], jnp.int32)  # never stop early
     out, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, temperature=sampling.temperature,
                                                 top_p=sampling.top_p, seed=1, **settings)
@@ -233,6 +234,11 @@ def test_lossless_sampling_draws_from_the_models_distribution(monkeypatch):
   assert z < 4 and tokens_per_step > 1.1  # lookup drafts get accepted too
   assert deviation(mode="medusa", lookup=3, ngram=1, min_ngram=1)[0] < 4  # and grafted ones
   assert deviation(mode="medusa", acceptance="typical")[0] > 4
+  # an EAGLE drafter guessing the likeliest successor, ranking the tokens after it (its tree grown
+  # each step: `helpers.oracle_eagle`)
+  eagle = oracle_eagle(model, np.argmax(transition, axis=1), np.log(transition + 1e-9), width=2, depth=3, budget=6)
+  z, tokens_per_step = deviation(dict(heads=eagle, draft_vocab=np.arange(vocab)), mode="medusa")
+  assert z < 4 and tokens_per_step > 2
 
   exact, step = acceptance.lossless_acceptance, speculative.speculative_step
   for name, wrong in [("lossless_acceptance", lambda tokens, probs, *a: exact(tokens, probs * 1.03, *a)),

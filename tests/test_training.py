@@ -48,6 +48,23 @@ def _metrics(path, split="train"):
     return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def test_eagle_drafter_trains_and_reloads(tmp_path):
+  """An EAGLE drafter's training-time-test loss falls at every step j, and the run directory reads
+  back as the drafter of its last checkpoint, over the run's drafting vocabulary."""
+  from medusa_jax.formats.layout import read_draft_ids, read_heads
+  from medusa_jax.medusa.eagle import EagleHead
+
+  cfg = _config(tmp_path, "heads.head_type=eagle", "heads.draft_vocab=200", "max_steps=30", "eval_every=0")
+  train(cfg, progress=False)
+  first, last = _metrics(tmp_path)[0], _metrics(tmp_path)[-1]
+  assert len(last["head_loss"]) == 3
+  assert all(b < 0.95 * a for a, b in zip(first["head_loss"], last["head_loss"])), (first, last)
+  model = random_model(preset("tiny"), seed=0)
+  head = read_heads(str(tmp_path), model)
+  ids = read_draft_ids(str(tmp_path), None)  # the answers' distinct tokens (fewer than 200 here)
+  assert isinstance(head, EagleHead) and head.config.draft_vocab_size == len(ids) <= 200
+
+
 def test_loss_falls_on_tiny(tmp_path):
   train(_config(tmp_path, "max_steps=30", "log_every=5", "eval_every=0"), progress=False)
   losses = [r["loss"] for r in _metrics(tmp_path)]
@@ -429,10 +446,11 @@ def test_hidden_cache_dir_serves_other_head_counts(tmp_path, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
-@pytest.mark.parametrize("method", ["medusa1", "medusa2"])
+@pytest.mark.parametrize("method", ["medusa1", "medusa2", "medusa1 heads.head_type=eagle"])
 def test_kill_and_resume_matches_uninterrupted(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
-  common = ["log_every=2", "save_every=6", "eval_every=0", "max_steps=12", f"method={method}"]
+  common = ["log_every=2", "save_every=6", "eval_every=0", "max_steps=12", f"method={method.split()[0]}",
+            *method.split()[1:]]
   train(_config(full, *common), progress=False)
   train(_config(part, *common), progress=False, stop_at=6)  # "killed" after the step-6 checkpoint
   train(_config(part, *common), progress=False)                      # resumed
@@ -455,10 +473,12 @@ def test_resuming_with_other_shapes_is_one_error(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
-@pytest.mark.parametrize("method", ["medusa1", "medusa2", "medusa1 cache_hidden=true teacher_top_k=4"])
+@pytest.mark.parametrize("method", ["medusa1", "medusa2", "medusa1 cache_hidden=true teacher_top_k=4",
+                                    "medusa1 heads.head_type=eagle"])
 def test_eight_simulated_devices_match_one(tmp_path, method):
   """mesh data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the one-device losses (Medusa-2:
-  the backbone and its optimizer state are sharded too; teacher targets: their batches too)."""
+  the backbone and its optimizer state are sharded too; teacher targets: their batches too; an
+  EAGLE drafter's attention heads over tensor like the backbone's)."""
   script = (
       "import sys; sys.path.insert(0, %r)\n"
       "from medusa_jax.training.config import TrainConfig, load_config\n"

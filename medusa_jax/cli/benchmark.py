@@ -8,7 +8,9 @@
 `tree.json` names), `heads` (the heads' tree alone), `lookup` (prompt lookup, `--draft-tokens`,
 `--ngram`), `hybrid` (the heads' tree plus a lookup chain of `--lookup` tokens, default the
 heads' own or `--draft-tokens`), `draft` (the `--draft-model`'s chain of `--draft-tokens`); any of
-them with generation settings of its own after a colon (`medusa:min_ngram=2,lookup=6`). The `medusa_*`
+them with generation settings of its own after a colon (`medusa:min_ngram=2,lookup=6`), and with
+`heads=DIR` its own heads over the same backbone (`medusa:heads=runs/eagle/heads,tree_budget=24`:
+an EAGLE drafter beside the `--heads` ones, in one run). The `medusa_*`
 fields of the results are the variant's; the top-level tables are the first variant's, and
 `modes` holds each one's.
 
@@ -125,9 +127,15 @@ def main(argv=None):
                            draft_vocab=args.draft_vocab, mesh=args.mesh,
                            draft_model=args.draft_model)
   config = generation_config(args)  # acceptance: Medusa's rule (the baseline has none)
-  variants = {m: _variant(config, m, engine.lookup) for m in args.modes}
-  for c in [*variants.values(), *([config.replace(mode="medusa")] if args.heads_accuracy else [])]:
-    engine.plan(c)  # a clear error when the heads or the draft model are missing
+  engines, variants = {}, {}
+  for m in args.modes:
+    heads = _variant_heads(m)
+    engines[m] = engine if heads is None else medusa_jax.load_heads(engine, heads, draft_vocab=args.draft_vocab)
+    variants[m] = _variant(config, m, engines[m].lookup)
+  for m, c in variants.items():
+    engines[m].plan(c)  # a clear error when the heads or the draft model are missing
+  if args.heads_accuracy:
+    engine.plan(config.replace(mode="medusa"))
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:
@@ -135,8 +143,9 @@ def main(argv=None):
     return
   # At temperature > 0 the two modes draw different samples, so identical_fraction says nothing.
   warm = engine.encode(convs[0].user_turns[0])
-  for c in [config.replace(mode="baseline"), *variants.values()]:  # warm-up: compile before timing
-    engine.generate_ids([warm] * args.batch_size, c)
+  engine.generate_ids([warm] * args.batch_size, config.replace(mode="baseline"))  # warm-up: compile first
+  for m, c in variants.items():
+    engines[m].generate_ids([warm] * args.batch_size, c)
 
   rows = {m: [] for m in variants}
   histories = [[] for _ in convs]
@@ -151,7 +160,7 @@ def main(argv=None):
       pad = args.batch_size - len(ids)
       ids_padded = ids + [ids[-1]] * pad
       base = engine.generate_ids(ids_padded, config, mode="baseline")
-      outs = {m: engine.generate_ids(ids_padded, c) for m, c in variants.items()}
+      outs = {m: engines[m].generate_ids(ids_padded, c) for m, c in variants.items()}
       share = len(ids) / len(ids_padded)
       for j, i in enumerate(idx):
         for m, med in outs.items():
@@ -190,17 +199,33 @@ def main(argv=None):
     _plot(result, args.plot)
 
 
-def _variant(config, spec: str, heads_lookup: int):
-  """The `GenerationConfig` of a `--modes` variant, `NAME[:key=value,...]` (`heads_lookup`: the
-  heads' own lookup chain)."""
+def _settings(spec: str) -> dict[str, str]:
+  """The `key=value` settings of a `--modes` variant `NAME[:key=value,...]`, as text."""
   mode, _, overrides = spec.partition(":")
   if mode not in VARIANTS:
     raise MedusaError(f"unknown --modes variant {mode!r}; use one of {', '.join(VARIANTS)}")
-  changes = {}
+  settings = {}
   for item in filter(None, re.split(r",(?=\w+=)", overrides)):  # a value may hold commas: a tree
     key, eq, value = item.partition("=")
     if not eq:
       raise MedusaError(f"--modes {spec}: settings are key=value, got {item!r}")
+    settings[key] = value
+  return settings
+
+
+def _variant_heads(spec: str) -> str | None:
+  """The heads directory a `--modes` variant names (`heads=DIR`), if any."""
+  return _settings(spec).get("heads")
+
+
+def _variant(config, spec: str, heads_lookup: int):
+  """The `GenerationConfig` of a `--modes` variant, `NAME[:key=value,...]` (`heads_lookup`: the
+  heads' own lookup chain; `heads=DIR` is `_variant_heads`')."""
+  mode = spec.partition(":")[0]
+  changes = {}
+  for key, value in _settings(spec).items():
+    if key == "heads":
+      continue
     for kind in (int, float, str):
       try:
         changes[key] = kind(value)

@@ -5,7 +5,8 @@
 
 Writes `metrics.jsonl` and orbax checkpoints under `output_dir`, resumes from the latest one there,
 and exports the final heads as a Medusa directory `output_dir/heads` (with `draft_vocab.json`: the
-training answers' tokens by frequency, the heads' drafting vocabulary); a Medusa-2 run also exports
+training answers' tokens by frequency, the heads' drafting vocabulary; `heads.head_type=eagle`: an
+EAGLE drafter directory, `medusa_jax/formats/eagle.py`); a Medusa-2 run also exports
 its trained backbone as a Hugging Face Llama directory `output_dir/model` (use both together:
 `--model output_dir/model --heads output_dir/heads`). `heads.init=DIR` starts from trained heads
 (any heads directory, e.g. Medusa-1's for the two-stage Medusa-2 recipe).
@@ -33,6 +34,9 @@ def main(argv=None):
     return
   quiet_logs()
   argv, processes = _process_flags(argv)
+  import numpy as np
+
+  from medusa_jax.formats import eagle as eagle_format
   from medusa_jax.formats import medusa as medusa_format
   from medusa_jax.formats.layout import read_heads
   from medusa_jax.medusa import draft_vocab
@@ -56,6 +60,11 @@ def main(argv=None):
     hf.write_dir(model_dir, base, tokenizer=loaded.tokenizer, force=True)
   train_rows, _ = prepare_data(cfg, loaded.tokenizer, base.config.pad_token_id)
   ids, counted = draft_vocab.rank_by_frequency([train_rows.tokens[train_rows.mask]])
+  if cfg.heads.head_type == "eagle":
+    eagle_format.write(heads_dir, heads, ids[: heads.config.draft_vocab_size] if cfg.heads.draft_vocab
+                       else np.arange(base.config.vocab_size), base, base_model=cfg.model.spec, force=True)
+    print(f"step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}; wrote {heads_dir}")
+    return
   medusa_format.write(heads_dir, heads, base,
                       base_model=model_dir if cfg.method == "medusa2" else cfg.model.spec,
                       lm_head_copies=False, draft_ids=ids, draft_tokens_counted=counted, force=True)

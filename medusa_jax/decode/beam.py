@@ -145,7 +145,7 @@ def _start(model: Llama, tokens, prompt_lens, width: int, cache_len: int, cache_
   """Prefill, then each prompt's cache row repeated for its W beams: logits `[batch, W, vocab]`,
   hidden `[batch * W, embed]`."""
   cache = KVCache.init(model.config, tokens.shape[0], cache_len, cache_dtype, mesh)
-  logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
+  logits, hidden, cache, _ = prefill(model, tokens, prompt_lens, cache)
   rows = jnp.repeat(jnp.arange(tokens.shape[0]), width)
   return Prefilled(jnp.repeat(logits[:, None], width, axis=1), hidden[rows], cache.take_rows(rows))
 

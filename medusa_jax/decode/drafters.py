@@ -18,6 +18,10 @@ greedy decoding whatever drafts.
 - `BeamTreeDrafter`: a tree built each step from a beam search over the heads (`dynamic_tree.py`).
 - `ModelDrafter`: a draft model (or the target's own first layers) proposes a chain of K tokens,
   or a tree of its top-k tokens (SpecInfer-style).
+- `EagleDrafter`: an EAGLE-3-style drafter (`medusa/eagle.py`) reading the target's features,
+  its tree grown each step (EAGLE-2). A drafter that reads the target's features names the layers
+  it taps (`taps`); the loop hands it their values for the prompt (`start`) and for each step's
+  tree (`commit`).
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ from flax import nnx
 from medusa_jax.decode.lookup import lookup_continuation
 from medusa_jax.decode.plain import prefill
 from medusa_jax.decode.sampling import SamplingParams, sampling_logits
-from medusa_jax.medusa.dynamic_tree import beam_paths, beam_tree
+from medusa_jax.medusa.dynamic_tree import beam_paths, beam_tree, ranked_tree
 from medusa_jax.medusa.tree import Tree, TreeArrays, TreeShape, chain
 from medusa_jax.model.kv_cache import KVCache
 from medusa_jax.model.llama import Llama
-from medusa_jax.model.rows import write_rows
+from medusa_jax.model.rows import gather_rows, write_rows
 
 
 @jax.tree_util.register_dataclass
@@ -85,15 +89,18 @@ class Drafter(Protocol):
   tree: Tree  # the shape of every proposal
 
   def start(self, params: Any, model: Llama, tokens: jax.Array, prompt_lens: jax.Array,
-            cache_len: int, cache_dtype, mesh) -> Any:
-    """The drafter's state after the prompts `[batch, P]` (None: it keeps none)."""
+            cache_len: int, cache_dtype, mesh, taps: jax.Array | None = None) -> Any:
+    """The drafter's state after the prompts `[batch, P]` (None: it keeps none); `taps`
+    `[batch, P, F]`: the target's features there, for a drafter with `taps`."""
 
   def propose(self, params: Any, model: Llama, ctx: DraftContext, state: Any, key: jax.Array) -> Proposal:
     """The tree's tokens from the context and the drafter's state."""
 
-  def commit(self, state: Any, path: jax.Array, n: jax.Array, keep: jax.Array) -> Any:
+  def commit(self, state: Any, path: jax.Array, n: jax.Array, keep: jax.Array,
+             features: jax.Array | None = None) -> Any:
     """The state once `n` `[batch]` tokens were emitted: the accepted nodes `path[:, 1:n]` of the
-    tree (`[batch, depth + 1]`, root first) and the bonus; rows where `keep` stay as they were."""
+    tree (`[batch, depth + 1]`, root first) and the bonus; rows where `keep` stay as they were.
+    `features` `[batch, T, F]`: the target's taps at the tree's nodes, for a drafter with `taps`."""
 
   def empty(self, params: Any, model: Llama, rows: int, cache_len: int, cache_dtype, mesh) -> Any:
     """The state of `rows` rows that hold nothing yet (the server's free slots)."""
@@ -102,6 +109,11 @@ class Drafter(Protocol):
                width: int) -> Any:
     """The state after the tokens `history[:, :lengths]` `[batch, H]`, from a state at most
     `width` tokens behind (steps decoded without the drafter: the server's plain chunks)."""
+
+
+def taps_of(drafter) -> tuple[int, ...]:
+  """The target layers whose inputs `drafter` reads (none for most drafters)."""
+  return getattr(drafter, "taps", ())
 
 
 class _Stateless:
@@ -119,7 +131,7 @@ class _Stateless:
   def propose(self, params, model: Llama, ctx: DraftContext, state, key) -> Proposal:
     return Proposal(self.tokens(params, model, ctx), None, None)
 
-  def commit(self, state, path, n, keep) -> None:
+  def commit(self, state, path, n, keep, features=None) -> None:
     return None
 
 
@@ -291,7 +303,8 @@ class ModelDrafter:
     config = config if self.num_layers is None else dataclasses.replace(config, num_layers=self.num_layers)
     return KVCache.init(config, rows, cache_len, cache_dtype, mesh)
 
-  def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh) -> KVCache:
+  def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh,
+            taps=None) -> KVCache:
     cache = self.empty(params, model, tokens.shape[0], cache_len, cache_dtype, mesh)
     return prefill(self._model(params, model), tokens, prompt_lens, cache, self.num_layers).cache
 
@@ -348,7 +361,89 @@ class ModelDrafter:
         tokens = jnp.where(depths[None, :] == d + 1, ranked.astype(jnp.int32), tokens)
     return Proposal(tokens, None, written)
 
-  def commit(self, state: KVCache, path: jax.Array, n: jax.Array, keep: jax.Array) -> KVCache:
+  def commit(self, state: KVCache, path: jax.Array, n: jax.Array, keep: jax.Array, features=None) -> KVCache:
     # the root and the accepted nodes: contiguous in a chain, moved together in a tree
     moved = state.commit_path(path, n) if self.shape is not None else state.advance(n)
     return dataclasses.replace(moved, lengths=jnp.where(keep, state.lengths, moved.lengths))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EagleState:
+  """An `EagleDrafter`'s state between steps."""
+
+  cache: KVCache           # the drafter's entries for the accepted prefix, each from real target features
+  pending: jax.Array       # `[batch, D + 1, F]` the target's features of the entries still to write
+  pending_count: jax.Array  # `[batch]` how many: the last step's root and accepted nodes
+
+
+class EagleParams(NamedTuple):
+  """An `EagleDrafter`'s arrays."""
+
+  weights: nnx.State  # the `EagleHead`'s
+  ids: jax.Array      # `[Vd]` the drafting vocabulary's token ids (its `lm_head` columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleDrafter:
+  """An EAGLE-3-style drafter (`medusa/eagle.py`) over its own KV cache of the accepted prefix.
+  Each step it first writes the entries of the last step's accepted tokens from their real target
+  features (one causal chunk of `depth + 1`), then grows the tree from the root's entry: `width`
+  beams, `depth` levels (`EagleHead.expand`), the best `budget` nodes kept
+  (`dynamic_tree.ranked_tree`). Its trees are deterministic drafts, verified by the tree rules.
+  Params: `EagleParams`."""
+
+  graphdef: nnx.GraphDef
+  taps: tuple[int, ...]
+  width: int
+  depth: int
+  budget: int
+
+  @property
+  def tree(self) -> TreeShape:
+    return TreeShape(self.budget, self.depth)
+
+  def _head(self, params: EagleParams):
+    return nnx.merge(self.graphdef, params.weights)
+
+  def empty(self, params, model: Llama, rows: int, cache_len: int, cache_dtype, mesh) -> EagleState:
+    head = self._head(params)
+    features = len(self.taps) * model.config.hidden_size
+    return EagleState(head.empty_cache(rows, cache_len, cache_dtype, mesh),
+                      jnp.zeros((rows, self.depth + 1, features), model.dtype), jnp.zeros((rows,), jnp.int32))
+
+  def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh,
+            taps=None) -> EagleState:
+    # entries 0..P-2 from the prompt (entry i: the taps at i and token i + 1); the last prompt
+    # position's entry needs the first generated token, so it waits as pending
+    state = self.empty(params, model, tokens.shape[0], cache_len, cache_dtype, mesh)
+    following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    head = self._head(params)
+    _, cache = head.chunk(model, head.fuse(taps), following, state.cache, span=tokens.shape[1])
+    last = jnp.take_along_axis(taps, (prompt_lens - 1)[:, None, None], axis=1)
+    pending = state.pending.at[:, :1].set(last.astype(state.pending.dtype))
+    return EagleState(dataclasses.replace(cache, lengths=prompt_lens.astype(jnp.int32) - 1), pending,
+                      jnp.ones_like(state.pending_count))
+
+  def catch_up(self, params, model: Llama, state, history, lengths, width: int):
+    raise NotImplementedError("an EAGLE drafter needs the target's features of every token: "
+                              "it drafts only in loops that verify with it from the prompt on")
+
+  def propose(self, params, model: Llama, ctx: DraftContext, state: EagleState, key) -> Proposal:
+    head = self._head(params)
+    start = state.cache.lengths  # the pending entries sit at start .. start + count - 1 = root's - 1
+    width = self.depth + 1
+    following = gather_rows(ctx.history, start[:, None] + 1 + jnp.arange(width)[None, :])
+    out, cache = head.chunk(model, head.fuse(state.pending), following, state.cache)
+    cache = cache.advance(state.pending_count)
+    root_out = jnp.take_along_axis(out, jnp.maximum(state.pending_count - 1, 0)[:, None, None], axis=1)[:, 0]
+    drafted = head.expand(model, root_out, cache, params.ids, self.width, self.depth)
+    tokens, tree = ranked_tree(ctx.root, drafted.tokens, drafted.parents, drafted.scores, drafted.depths,
+                               self.budget)
+    return Proposal(tokens, None, dataclasses.replace(state, cache=cache), tree)
+
+  def commit(self, state: EagleState, path: jax.Array, n: jax.Array, keep: jax.Array,
+             features=None) -> EagleState:
+    pending = jnp.take_along_axis(features, path[:, :, None], axis=1).astype(state.pending.dtype)
+    return EagleState(state.cache, jnp.where(keep[:, None, None], state.pending, pending),
+                      jnp.where(keep, 0, n).astype(jnp.int32))

@@ -8,7 +8,9 @@ lookup alone: a chain of `lookup` tokens, else `draft_tokens`), "draft" (the loa
 chain of `draft_tokens`, or the `draft_tree` of its top-k tokens), "beam" (beam search; with
 `beam_heads` every beam drafts the heads' tree), "baseline", and "auto": Medusa when heads are
 loaded, else the draft model when one is, else prompt lookup when `lookup` > 0 asks for it, else
-plain decoding. `draft_beams` > 0 builds the heads' tree each step (`BeamTreeDrafter`).
+plain decoding. `draft_beams` > 0 builds the heads' tree each step (`BeamTreeDrafter`). Heads that
+are an EAGLE drafter always grow their tree each step (`EagleDrafter`; `draft_beams`,
+`draft_depth` and `tree_budget` override its defaults).
 
 Sampling settings come out as host arrays, one value per row (`SamplingParams`, `TypicalParams`):
 jit arguments, so a new temperature reuses the compiled program.
@@ -27,6 +29,8 @@ from medusa_jax.decode.config import MODES, GenerationConfig
 from medusa_jax.decode.drafters import (
   BeamTreeDrafter,
   Drafter,
+  EagleDrafter,
+  EagleParams,
   LookupDrafter,
   ModelDrafter,
   ModelParams,
@@ -99,7 +103,9 @@ def resolve(config: GenerationConfig, loaded: LoadedModel, *, batch: int = 1,
 
 def _heads(config: GenerationConfig, loaded: LoadedModel):
   """The heads' drafter and params: their static tree (with a lookup chain grafted on), or a
-  tree built each step from a beam search over them."""
+  tree built each step from a beam search over them; an EAGLE drafter's tree grown each step."""
+  if loaded.eagle is not None:
+    return _eagle(config, loaded)
   params = (loaded.heads_state, loaded.draft_vocab)
   if not config.draft_beams:
     chain = loaded.lookup if config.lookup is None else config.lookup
@@ -112,3 +118,19 @@ def _heads(config: GenerationConfig, loaded: LoadedModel):
     raise MedusaError(f"draft_beams {config.draft_beams} exceeds the {vocab}-token drafting vocabulary")
   budget = config.tree_budget or config.draft_beams * depth + 1
   return BeamTreeDrafter(loaded.heads_graphdef, config.draft_beams, depth, budget), params
+
+
+def _eagle(config: GenerationConfig, loaded: LoadedModel):
+  """An EAGLE drafter with the config's `draft_beams` (k), `draft_depth` (D) and `tree_budget` (N),
+  each defaulting to the drafter's own (its directory's `config.json`)."""
+  eagle = loaded.eagle
+  width, depth = config.draft_beams or eagle.width, config.draft_depth or eagle.depth
+  budget = config.tree_budget or eagle.budget
+  candidates = width + (depth - 1) * width * width
+  if width > eagle.draft_vocab_size:
+    raise MedusaError(f"draft_beams {width} exceeds the {eagle.draft_vocab_size}-token drafting vocabulary")
+  if not 2 <= budget <= candidates + 1:
+    raise MedusaError(f"tree_budget {budget} must be in 2..{candidates + 1}: the root and the "
+                      f"{candidates} candidates of draft_beams {width} x draft_depth {depth}")
+  drafter = EagleDrafter(loaded.heads_graphdef, eagle.taps, width, depth, budget)
+  return drafter, EagleParams(loaded.heads_state, loaded.draft_vocab.ids)

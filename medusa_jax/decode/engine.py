@@ -22,6 +22,7 @@ from medusa_jax.decode.plain import baseline_generate
 from medusa_jax.decode.speculative import speculative_generate
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.eagle import EagleConfig, EagleHead
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.medusa.tree import Tree, default_tree, get_tree
 from medusa_jax.model.llama import Llama
@@ -74,7 +75,7 @@ class Engine:
   `data` x `fsdp` when the batch divides (else replicated) and the KV cache is sharded like the
   weights: the same jitted loops run tensor- and data-parallel."""
 
-  def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | None = None,
+  def __init__(self, model: Llama, tokenizer, *, heads: MedusaHeads | EagleHead | None = None,
                tree: str | Tree | Sequence[Sequence[int]] | None = None, name: str = "model",
                max_cache_len: int | None = None, draft_vocab: Sequence[int] | None = None,
                mesh: Mesh | None = None, lookup: int = 0):
@@ -91,7 +92,15 @@ class Engine:
     self.heads_config = heads.config if heads is not None else None
     self.tree = None
     self.draft: DraftVocab | None = None
-    if heads is not None:
+    self.eagle: EagleConfig | None = heads.config if isinstance(heads, EagleHead) else None
+    if self.eagle is not None:
+      if tree is not None:
+        self.set_tree(tree)  # refused: an EAGLE drafter's tree is grown each step
+      if draft_vocab is None or len(draft_vocab) != self.eagle.draft_vocab_size:
+        raise MedusaError(f"an EAGLE drafter needs its {self.eagle.draft_vocab_size} drafting token ids "
+                          "(draft_vocab)")
+      self.draft = DraftVocab(self._place(np.asarray(draft_vocab, np.int32), split=False), None)
+    elif heads is not None:
       self.set_tree(tree if tree is not None else default_tree(None, heads.config.num_heads).paths)
       self.set_draft_vocab(draft_vocab)
     self.dtype = model.dtype
@@ -133,8 +142,21 @@ class Engine:
     out = jax.device_get(self._compiled[key](*args))
     return out, time.perf_counter() - start
 
+  def with_heads(self, heads: MedusaHeads | EagleHead, *, tree=None, draft_vocab: Sequence[int] | None = None,
+                 lookup: int = 0) -> Engine:
+    """An engine over this one's backbone (the same arrays) with other `heads` (their `tree`,
+    drafting vocabulary and lookup chain as `Engine` takes them; `medusa_jax.load_heads` reads
+    them from a directory)."""
+    engine = Engine(self.model, self.tokenizer, heads=heads, tree=tree, name=self.name,
+                    max_cache_len=self.max_cache_len, draft_vocab=draft_vocab, mesh=self.mesh, lookup=lookup)
+    engine.draft_model = self.draft_model
+    return engine
+
   def set_tree(self, tree: str | Tree | Sequence[Sequence[int]]) -> None:
     """Chooses the candidate tree (a name, a list of paths, or a `Tree`), checked against the heads."""
+    if self.eagle is not None:
+      raise MedusaError("an EAGLE drafter grows its tree each step: set draft_beams, draft_depth and "
+                        "tree_budget instead of a tree")
     tree = get_tree(tree, num_heads=self.heads_config.num_heads, vocab_size=self.config.vocab_size)
     if self.draft is not None and tree.topk > len(self.draft.ids):
       raise MedusaError(f"tree asks for top-{tree.topk} guesses of a {len(self.draft.ids)}-token "
@@ -144,8 +166,9 @@ class Engine:
   def set_draft_vocab(self, ids: Sequence[int] | None) -> None:
     """Restricts the heads' guesses to the token ids `ids` (`draft_vocab.py`); None: the whole
     vocabulary. Outputs do not change, only which guesses the heads can make."""
-    if self.heads_graphdef is None:
-      raise MedusaError("a drafting vocabulary needs Medusa heads (load some with heads=...)")
+    if self.heads_graphdef is None or self.eagle is not None:
+      raise MedusaError("a drafting vocabulary needs Medusa heads (load some with heads=...); an EAGLE "
+                        "drafter's is its own")
     self.draft = None if ids is None else DraftVocab.build(self.model, self.heads, ids, self.tree.topk)
 
   def set_draft_model(self, draft: str | Llama | None, tokenizer=None) -> None:
@@ -205,8 +228,8 @@ class Engine:
     """What this engine runs with (the server's view of it)."""
     return LoadedModel(self.graphdef, self.state, self.config, self.tokenizer, self.eos_ids, self.pad_id,
                        self.dtype, self.mesh, self.heads_graphdef, self.heads_state,
-                       0 if self.heads_config is None else self.heads_config.num_heads, self.tree, self.draft,
-                       self.lookup, self.draft_model)
+                       getattr(self.heads_config, "num_heads", 0), self.tree, self.draft,
+                       self.lookup, self.draft_model, self.eagle)
 
   def plan(self, config: GenerationConfig | None = None, batch: int = 1, **settings) -> Plan:
     """How `config` (with `settings`) generates here (`drafting.resolve`), or a one-line error."""

@@ -1,6 +1,6 @@
 """`LoadedModel`: what a generation runs with, as the `Engine` holds it and the server reads it:
 the backbone as graphdef + state, and whatever can draft (Medusa heads with their tree, drafting
-vocabulary and default lookup chain, or a draft model)."""
+vocabulary and default lookup chain, an EAGLE drafter, or a draft model)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.eagle import EagleConfig
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.llama import Llama
@@ -46,6 +47,7 @@ class LoadedModel:
   draft_vocab: DraftVocab | None = None
   lookup: int = 0               # the lookup chain the heads graft on unless a config says otherwise
   draft_model: DraftModel | None = None
+  eagle: EagleConfig | None = None  # set when the heads are an EAGLE drafter (`draft_vocab`: its ids)
 
   @property
   def model(self) -> Llama:

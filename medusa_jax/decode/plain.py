@@ -63,22 +63,25 @@ class Emitted:
 
 
 class Prefilled(NamedTuple):
-  logits: jax.Array  # `[batch, vocab]` at each row's last prompt token
-  hidden: jax.Array  # `[batch, embed]` there
-  cache: KVCache     # `lengths == prompt_lens`
+  logits: jax.Array        # `[batch, vocab]` at each row's last prompt token
+  hidden: jax.Array        # `[batch, embed]` there
+  cache: KVCache           # `lengths == prompt_lens`
+  taps: jax.Array | None = None  # `[batch, P, len(taps) * embed]` the tapped layers' inputs
 
 
 def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache,
-            num_layers: int | None = None) -> Prefilled:
+            num_layers: int | None = None, taps: tuple[int, ...] = ()) -> Prefilled:
   """Runs right-padded prompts `[batch, P]` through the model (its first `num_layers` layers
-  only, when given: a self-drafting model). The cache must be empty: the prompts attend to their
+  only, when given: a self-drafting model), keeping the inputs of the layers `taps` (an EAGLE
+  drafter's features, `Llama.forward`). The cache must be empty: the prompts attend to their
   own `P` positions only, not to the whole cache."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   own = dataclasses.replace(cache, span=tokens.shape[1])
-  hidden, written = model.hidden_states(tokens, positions, own, num_layers=num_layers)
-  last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+  out = model.forward(tokens, positions, own, num_layers=num_layers, taps=taps)
+  last = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
   return Prefilled(model.logits(last), last,
-                   dataclasses.replace(written, span=cache.span, lengths=prompt_lens.astype(jnp.int32)))
+                   dataclasses.replace(out.cache, span=cache.span, lengths=prompt_lens.astype(jnp.int32)),
+                   out.taps)
 
 
 def decode_step(model: Llama, cache: KVCache, last: jax.Array, key: jax.Array,
@@ -110,7 +113,7 @@ def baseline_generate(state: nnx.State, sampling: SamplingParams | None, tokens:
   model = nnx.merge(graphdef, state)
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)
-  logits, _, cache = prefill(model, tokens, prompt_lens, cache)
+  logits, _, cache, _ = prefill(model, tokens, prompt_lens, cache)
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)
   ones = jnp.ones((batch,), jnp.int32)

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.decode.acceptance import Accepted, Rule, accept, first_token
-from medusa_jax.decode.drafters import DraftContext, Drafter
+from medusa_jax.decode.drafters import DraftContext, Drafter, taps_of
 from medusa_jax.decode.plain import DecodeOutput, Emitted, prefill
 from medusa_jax.medusa.tree import TreeArrays
 from medusa_jax.model.kv_cache import KVCache
@@ -33,13 +33,16 @@ class TreeForward(NamedTuple):
   logits: jax.Array     # `[batch, T, vocab]` float32
   hidden: jax.Array     # `[batch, T, embed]`
   cache: KVCache        # the nodes' K/V written after each row's prefix (not committed)
+  taps: jax.Array | None = None  # `[batch, T, len(taps) * embed]` the drafter's tapped features
 
 
-def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: TreeArrays) -> TreeForward:
-  """The tree's tokens `[batch, T]` (a drafter's proposal) through the model in one forward."""
+def tree_forward(model: Llama, cache: KVCache, tokens: jax.Array, tree: TreeArrays,
+                 taps: tuple[int, ...] = ()) -> TreeForward:
+  """The tree's tokens `[batch, T]` (a drafter's proposal) through the model in one forward,
+  keeping the inputs of the layers `taps` (`Llama.forward`)."""
   positions = cache.lengths[:, None] + tree.depths
-  node_hidden, cache = model.hidden_states(tokens, positions, cache, chunk_mask=tree.mask)
-  return TreeForward(positions, model.logits(node_hidden), node_hidden, cache)
+  out = model.forward(tokens, positions, cache, chunk_mask=tree.mask, taps=taps)
+  return TreeForward(positions, model.logits(out.hidden), out.hidden, out.cache, out.taps)
 
 
 class Kept(NamedTuple):
@@ -72,6 +75,7 @@ class Step(NamedTuple):
   hidden: jax.Array   # `[batch, embed]` the hidden state at the last accepted node
   state: Any          # the drafter's state after proposing (before `Drafter.commit`)
   path: jax.Array     # `[batch, depth + 1]` the kept path's nodes, for `Drafter.commit`
+  features: jax.Array | None = None  # `[batch, T, F]` the tree's tapped features (`Drafter.taps`)
 
 
 def speculative_step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftContext, state,
@@ -103,11 +107,12 @@ def _step(model: Llama, drafter: Drafter, params, cache: KVCache, ctx: DraftCont
   proposal = drafter.propose(params, model, ctx, state, key_draft)
   tokens = proposal.tokens
   tree = drafter.tree.arrays(tokens.shape[0]) if proposal.tree is None else proposal.tree
-  fwd = tree_forward(model, cache, tokens, tree)
+  fwd = tree_forward(model, cache, tokens, tree, taps_of(drafter))
   logits = fwd.logits if target is None else target(fwd.logits, fwd.positions + 1)
   accepted = accept(tokens, logits, tree, rule, key_accept, proposal.draft_probs)
   kept = keep_path(tokens, fwd.hidden, fwd.cache, accepted)
-  return Step(kept.emitted, kept.count, kept.cache, accepted.bonus, kept.hidden, proposal.state, accepted.path)
+  return Step(kept.emitted, kept.count, kept.cache, accepted.bonus, kept.hidden, proposal.state, accepted.path,
+              fwd.taps)
 
 
 @jax.tree_util.register_dataclass
@@ -135,7 +140,7 @@ def speculative_generate(state: nnx.State, params, rule: Rule, tokens: jax.Array
   tree = drafter.tree
   batch = tokens.shape[0]
   cache = KVCache.init(model.config, batch, cache_len, cache_dtype, mesh)
-  logits, hidden, cache = prefill(model, tokens, prompt_lens, cache)
+  logits, hidden, cache, taps = prefill(model, tokens, prompt_lens, cache, taps=taps_of(drafter))
   key, sub = jax.random.split(key)
   root = first_token(logits, sub, rule)  # from the very logits (and key) the baseline's first token comes from
   ones = jnp.ones((batch,), jnp.int32)
@@ -149,11 +154,11 @@ def speculative_generate(state: nnx.State, params, rule: Rule, tokens: jax.Array
     done = c.emitted.done
     cache = dataclasses.replace(step.cache, lengths=jnp.where(done, c.cache.lengths, step.cache.lengths))
     return _Carry(cache, c.ctx.advance(step.emitted, step.count, step.root, step.hidden, done),
-                  drafter.commit(step.state, step.path, step.count, done),
+                  drafter.commit(step.state, step.path, step.count, done, step.features),
                   c.emitted.record(step.emitted, step.count, eos_ids, max_new_tokens),
                   c.steps + (~done).astype(jnp.int32), key)
 
-  state = drafter.start(params, model, tokens, prompt_lens, cache_len, cache_dtype, mesh)
+  state = drafter.start(params, model, tokens, prompt_lens, cache_len, cache_dtype, mesh, taps)
   end = jax.lax.while_loop(lambda c: ~jnp.all(c.emitted.done), body,
                            _Carry(cache, ctx, state, emitted, ones, key))
   return DecodeOutput(tokens=end.emitted.tokens[:, :max_new_tokens], num_tokens=end.emitted.count,

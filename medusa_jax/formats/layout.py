@@ -1,33 +1,56 @@
 """The one place that tells which layout a directory holds and reads or writes each by name.
 
-Heads directories: a training run (orbax, `orbax_run.py`), vLLM Medusa (`vllm.py`), or Medusa v0.1
-/ TGI (`medusa.py`). Export formats: `medusa`, `vllm`, and `hf-llama` (the backbone as a Hugging
-Face Llama directory, `weights/hf.py`). Writes are atomic and never replace an existing output
+Heads directories: a training run (orbax, `orbax_run.py`), an EAGLE-3-style drafter (`eagle.py`),
+vLLM Medusa (`vllm.py`), or Medusa v0.1 / TGI (`medusa.py`). Export formats: `medusa`, `vllm`, and
+`hf-llama` (the backbone as a Hugging Face Llama directory, `weights/hf.py`). Writes are atomic and never replace an existing output
 without `force`.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from medusa_jax.errors import MedusaError
-from medusa_jax.formats import FORMATS, medusa, orbax_run, vllm
+from medusa_jax.formats import FORMATS, eagle, medusa, orbax_run, vllm
+from medusa_jax.medusa import draft_vocab
+from medusa_jax.medusa.eagle import EagleHead
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.model.llama import Llama
 from medusa_jax.weights import hf
 
 
 def detect(path: str) -> str:
-  """"orbax", "vllm" or "medusa" (the last also for a directory that is none of them: its reader
-  names what is missing)."""
+  """"orbax", "eagle", "vllm" or "medusa" (the last also for a directory that is none of them:
+  its reader names what is missing)."""
   if orbax_run.holds(path):
     return "orbax"
+  if eagle.holds(path):
+    return "eagle"
   return "vllm" if vllm.holds(path) else "medusa"
 
 
-def read_heads(path: str, model: Llama) -> MedusaHeads:
-  """Heads from a training run, a vLLM Medusa or a Medusa/TGI directory, for `model`."""
-  return {"orbax": orbax_run.read, "vllm": vllm.read, "medusa": medusa.read}[detect(path)](path, model)
+def read_heads(path: str, model: Llama) -> MedusaHeads | EagleHead:
+  """Heads (or an EAGLE drafter) from a training run, an EAGLE, a vLLM Medusa or a Medusa/TGI
+  directory, for `model`."""
+  layout = detect(path)
+  if layout == "eagle":
+    return eagle.read(path, model)[0]
+  return {"orbax": orbax_run.read, "vllm": vllm.read, "medusa": medusa.read}[layout](path, model)
+
+
+def read_draft_ids(path: str, size: int | None) -> np.ndarray | None:
+  """The drafting vocabulary of the heads in `path`: an EAGLE drafter's own (all of it: its
+  `lm_head` has a column per id), else the `size` most frequent of `draft_vocab.json`'s
+  (`draft_vocab.read`)."""
+  if detect(path) == "eagle":
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, eagle.WEIGHTS), "np") as f:
+      d2t = f.get_tensor("d2t")
+    return (np.arange(len(d2t)) + d2t).astype(np.int32)
+  return draft_vocab.read(path, size)
 
 
 def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_name: str,

@@ -85,7 +85,8 @@ class DraftVocab:
   """The heads' vocab projection restricted to `ids`."""
 
   ids: jax.Array      # `[Vd]` int32 token ids
-  kernels: jax.Array  # `[1 or num_heads, embed, Vd]`: one kernel shared by all heads, or one each
+  kernels: jax.Array | None  # `[1 or num_heads, embed, Vd]`: one kernel shared by all heads, or one
+                             # each; None for a drafter with its own projection (EAGLE)
 
   @classmethod
   def build(cls, model: Llama, heads: MedusaHeads | None, ids: Sequence[int],

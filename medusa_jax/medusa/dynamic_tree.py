@@ -6,13 +6,16 @@ accepted position gives the W most likely paths (for Medusa heads, whose guesses
 the exact W best; Hydra heads read each beam's own tokens). `beam_tree`: those paths as a tree,
 shared prefixes merged, nodes ordered by (depth, best beam through them) and cut or padded to a
 static node budget N; the tree's buffers (`tree.TreeArrays`) per batch row. A padding node has no
-parent and sees only itself, so it is never accepted.
+parent and sees only itself, so it is never accepted. `ranked_tree`: the N best of a pool of
+scored candidates (an EAGLE drafter's expansion, `medusa/eagle.py`) as a tree; `tree_arrays`: the
+buffers of any per-row tree given by its parents.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medusa_jax.medusa.tree import TreeArrays
 from medusa_jax.model.llama import Llama
@@ -77,3 +80,46 @@ def beam_tree(root: jax.Array, paths: jax.Array, budget: int) -> tuple[jax.Array
   arrays = TreeArrays(depths, mask, parents, index.astype(jnp.int32), jnp.maximum(parents, 0), earlier,
                       retrieve, retrieve_mask)
   return tokens, arrays
+
+
+def ranked_tree(root: jax.Array, tokens: jax.Array, parents: jax.Array, scores: jax.Array,
+                depths: np.ndarray, budget: int) -> tuple[jax.Array, TreeArrays]:
+  """The tree of the `budget - 1` best candidates by score under `root` `[batch]` (EAGLE-2's
+  reranking): candidates' tokens, parents (a candidate index, -1 for the root) and scores
+  `[batch, P]`, depths `[P]`, listed parents first. A child never scores above its parent (scores
+  are summed log-probabilities) and wins ties against later candidates, so every kept node's
+  parent is kept. Nodes keep the candidates' order. `depths` `[P]` (static) are 1 and more. Returns (tokens `[batch, budget]`, `TreeArrays`)."""
+  batch, pool = tokens.shape
+  if budget - 1 > pool:
+    raise ValueError(f"a tree of {budget} nodes needs {budget - 1} candidates, got {pool}")
+  chosen = jnp.sort(jax.lax.top_k(scores, budget - 1)[1], axis=1)  # [b, N - 1] pool indices
+  rows = jnp.arange(batch)[:, None]
+  node_of = jnp.full((batch, pool), -1, jnp.int32).at[rows, chosen].set(jnp.arange(1, budget, dtype=jnp.int32))
+  pool_parent = jnp.take_along_axis(parents, chosen, axis=1)
+  parent = jnp.where(pool_parent < 0, 0, jnp.take_along_axis(node_of, jnp.maximum(pool_parent, 0), axis=1))
+  node_parents = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), parent], axis=1)
+  node_tokens = jnp.concatenate([root[:, None], jnp.take_along_axis(tokens, chosen, axis=1)], axis=1)
+  node_depths = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                                 jnp.take(jnp.asarray(depths, jnp.int32), chosen)], axis=1)
+  return node_tokens, tree_arrays(node_parents, node_depths, int(np.max(depths)))
+
+
+def tree_arrays(parents: jax.Array, depths: jax.Array, depth: int) -> TreeArrays:
+  """`TreeArrays` of trees given per row by their nodes' parents and depths `[batch, N]` (node 0
+  the root, parents before children, depth at most `depth`); a node whose parent is -1 (other
+  than the root) is padding: it sees only itself and is never accepted."""
+  batch, n = parents.shape
+  index = jnp.arange(n)
+  up = jnp.maximum(parents, 0)
+  mask = jnp.broadcast_to(jnp.eye(n, dtype=bool), (batch, n, n))
+  current = jnp.broadcast_to(index, (batch, n))
+  real = (parents >= 0) | (index == 0)[None]
+  for _ in range(depth):  # ancestors, one generation at a time (the root is its own parent here)
+    current = jnp.take_along_axis(up, current, axis=1)
+    mask = mask | (jax.nn.one_hot(current, n, dtype=bool) & real[:, :, None])
+  earlier = (parents[:, :, None] == parents[:, None, :]) & (parents[:, :, None] >= 0) & (index[None, :] < index[:, None])
+  levels = jnp.arange(depth + 1)
+  at_level = mask[:, :, :, None] & (depths[:, None, :, None] == levels)  # [b, N, N, D + 1]
+  retrieve = jnp.sum(jnp.where(at_level, index[None, None, :, None], 0), axis=2).astype(jnp.int32)
+  retrieve_mask = (levels[None, None, :] <= depths[:, :, None]) & real[:, :, None]
+  return TreeArrays(depths, mask, parents, index.astype(jnp.int32), up, earlier, retrieve, retrieve_mask)

@@ -46,7 +46,7 @@ def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int,
           jnp.stack([shift_left(mask, s) for s in shifts], -1))
 
 
-HEAD_TYPES = ("medusa", "hydra")
+HEAD_TYPES = ("medusa", "hydra", "eagle")  # eagle: `medusa/eagle.py`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,9 @@ class HeadsConfig:
   head_type: str = "medusa"  # one of HEAD_TYPES
 
   def __post_init__(self):
-    if self.head_type not in HEAD_TYPES:
-      raise MedusaError(f"unknown head type {self.head_type!r}; use one of {', '.join(HEAD_TYPES)}")
+    if self.head_type not in ("medusa", "hydra"):
+      raise MedusaError(f"unknown Medusa head type {self.head_type!r}; use medusa or hydra (an eagle "
+                        "drafter is an `EagleHead`)")
 
 
 class ResBlock(nnx.Module):

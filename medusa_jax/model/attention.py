@@ -28,17 +28,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 class Attention(nnx.Module):
-  """Llama attention: q/k/v projections `[embed, heads, head_dim]`, optional q/k/v bias (Qwen2)."""
+  """Llama attention: q/k/v projections `[in_features, heads, head_dim]` (`in_features`: the
+  hidden size unless given, e.g. an EAGLE-3 drafter's `2 * embed`), the output projection back to
+  the hidden size, optional q/k/v bias (Qwen2)."""
 
-  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+               in_features: int | None = None):
     e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    i = in_features or e
 
     def param(shape, axes):
       return nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype), axes=axes)
 
-    self.q = param((e, h, d), ("embed", "q_heads", "head_dim"))
-    self.k = param((e, kv, d), ("embed", "kv_heads", "head_dim"))
-    self.v = param((e, kv, d), ("embed", "kv_heads", "head_dim"))
+    self.q = param((i, h, d), ("embed", "q_heads", "head_dim"))
+    self.k = param((i, kv, d), ("embed", "kv_heads", "head_dim"))
+    self.v = param((i, kv, d), ("embed", "kv_heads", "head_dim"))
     self.o = param((h, d, e), ("q_heads", "head_dim", "embed"))
     if config.attention_bias:
       self.q_bias = nnx.Param(jnp.zeros((h, d), param_dtype), axes=("q_heads", "head_dim"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,12 @@ from medusa_jax.model.attention import Attention
 from medusa_jax.model.config import ModelConfig
 from medusa_jax.model.kv_cache import KVCache, attention_mask
 from medusa_jax.model.layers import MLP, Embed, Linear, RMSNorm
+
+
+class Forward(NamedTuple):
+  hidden: jax.Array          # `[batch, T, embed]` after the final norm
+  cache: KVCache | None      # with the chunk's K/V written (lengths unchanged)
+  taps: jax.Array | None     # `[batch, T, len(taps) * embed]` the tapped layers' inputs
 
 
 class Block(nnx.Module):
@@ -56,7 +63,18 @@ class Llama(nnx.Module):
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                     chunk_mask: jax.Array | None = None,
                     num_layers: int | None = None) -> tuple[jax.Array, KVCache | None]:
-    """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]` and the cache.
+    """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]` and the cache
+    (`forward` without taps)."""
+    out = self.forward(tokens, positions, cache, chunk_mask, num_layers)
+    return out.hidden, out.cache
+
+  def forward(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+              chunk_mask: jax.Array | None = None, num_layers: int | None = None,
+              taps: tuple[int, ...] = ()) -> Forward:
+    """tokens, positions `[batch, T]` -> final-norm hidden states `[batch, T, embed]`, the cache,
+    and the residual stream entering each layer of `taps` (`len(layers)`: the last layer's output,
+    before the final norm), concatenated `[batch, T, len(taps) * embed]` (an EAGLE-3 drafter's
+    input; None without taps).
 
     With a cache, the chunk's K/V are written at `cache.lengths` and it attends to the cached
     prefix plus itself under `chunk_mask` `[T, T]` or `[batch, T, T]` (causal by default; a tree
@@ -69,17 +87,22 @@ class Llama(nnx.Module):
     x = self.embed(tokens)
     if cache is None:
       mask = jnp.broadcast_to(chunk_mask, (tokens.shape[0], t, t))
-      for block in self.layers[:num_layers]:
-        x, _ = block(x, positions, mask)
-      return self.norm(x), None
-
-    mask = attention_mask(cache.lengths, chunk_mask, cache.attended)
-    keys, values = [], []
+    else:
+      mask = attention_mask(cache.lengths, chunk_mask, cache.attended)
+    tapped, keys, values = {}, [], []
     for i, block in enumerate(self.layers[:num_layers]):
-      x, (k, v) = block(x, positions, mask, write=lambda k, v, i=i: cache.write(i, k, v))
-      keys.append(k)
-      values.append(v)
-    return self.norm(x), dataclasses.replace(cache, keys=tuple(keys), values=tuple(values))
+      if i in taps:
+        tapped[i] = x
+      write = None if cache is None else (lambda k, v, i=i: cache.write(i, k, v))
+      x, kv = block(x, positions, mask, write=write)
+      if cache is not None:
+        keys.append(kv[0])
+        values.append(kv[1])
+    tapped[len(self.layers[:num_layers])] = x
+    features = jnp.concatenate([tapped[i] for i in taps], axis=-1) if taps else None
+    if cache is not None:
+      cache = dataclasses.replace(cache, keys=tuple(keys), values=tuple(values))
+    return Forward(self.norm(x), cache, features)
 
   def lm_head_kernel(self) -> jax.Array:
     """The output projection `[embed, vocab]`: the tied embedding table transposed, or the lm_head."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.decode.config import GenerationConfig
-from medusa_jax.decode.drafters import cheaper_drafters
+from medusa_jax.decode.drafters import cheaper_drafters, taps_of
 from medusa_jax.decode.drafting import SERVED, resolve
 from medusa_jax.decode.loaded import LoadedModel
 from medusa_jax.errors import MedusaError
@@ -95,6 +95,9 @@ class Scheduler:
     self.loaded = loaded
     # rows sample by their own settings (`coupled.py`), so drafts are the drafter's greedy ones
     plan = resolve((config or GenerationConfig()).replace(temperature=0.0), loaded, modes=SERVED)
+    if taps_of(plan.drafter):
+      raise MedusaError("the server does not draft with an EAGLE drafter yet (its plain chunks keep no "
+                        "target features to catch it up): serve Medusa or Hydra heads, lookup or baseline")
     self.mode, self.drafter, self.params = plan.mode, plan.drafter, plan.params
     self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
     # what a chunk runs, cheapest first: plain decoding (None), cheaper drafters, the drafter

@@ -116,7 +116,7 @@ def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.
   model = nnx.merge(graphdef, state)
   max_len, dtype = slots.cache.max_len, slots.cache.keys[0].dtype
   cache = KVCache.init(model.config, 1, max_len, dtype)
-  logits, hidden, cache = prefill(model, tokens, prompt_len[None], cache)
+  logits, hidden, cache, _ = prefill(model, tokens, prompt_len[None], cache)
   draft = None if slots.draft is None else _row(drafter.start(params, model, tokens, prompt_len[None], max_len,
                                                               dtype, None), 0)
   rows = RowSettings.create(temperature[None], top_p[None], seed[None])
@@ -141,7 +141,7 @@ def _tree_step(model, drafter, params, s: Slots, done) -> Step:
   ctx = DraftContext(s.root, s.hidden, s.history, s.cache.lengths + 1)
   step = speculative_step(model, drafter, params, s.cache, ctx, s.draft, jax.random.PRNGKey(0), None,
                           functools.partial(target_logits, rows=s.rows))
-  return step._replace(state=drafter.commit(step.state, step.path, step.count, done))
+  return step._replace(state=drafter.commit(step.state, step.path, step.count, done, step.features))
 
 
 class Chunk(NamedTuple):

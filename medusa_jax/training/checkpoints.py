@@ -13,6 +13,8 @@ from flax import nnx
 
 from medusa_jax.atomic import write_json
 from medusa_jax.errors import MedusaError
+from medusa_jax.medusa import draft_vocab
+from medusa_jax.medusa.eagle import EagleConfig, EagleHead, default_taps
 from medusa_jax.medusa.heads import HeadsConfig, MedusaHeads
 from medusa_jax.model.llama import Llama
 from medusa_jax.training.config import TrainConfig
@@ -82,6 +84,16 @@ def heads_config(cfg: TrainConfig) -> HeadsConfig:
                      cfg.heads.head_type)
 
 
+def fresh_heads(cfg: TrainConfig, model: Llama, draft_ids: np.ndarray | None) -> MedusaHeads | EagleHead:
+  """The heads (or EAGLE drafter) `cfg` trains, freshly made for `model`; `draft_ids`: their
+  drafting vocabulary (an EAGLE drafter's `lm_head` columns; None: the whole vocabulary)."""
+  if cfg.heads.head_type != "eagle":
+    return MedusaHeads.for_model(model, heads_config(cfg), seed=cfg.seed, param_dtype=jnp.float32)
+  ids = np.arange(model.config.vocab_size, dtype=np.int32) if draft_ids is None else draft_ids
+  taps = tuple(cfg.heads.taps) or default_taps(model.config.num_layers)
+  return EagleHead.for_model(model, EagleConfig(taps, len(ids)), ids, seed=cfg.seed, param_dtype=jnp.float32)
+
+
 def read_config(run_dir: str) -> TrainConfig:
   """The config of the run in `run_dir` (whose `output_dir` becomes `run_dir`)."""
   path = os.path.join(run_dir, CONFIG)
@@ -97,14 +109,15 @@ def read_config(run_dir: str) -> TrainConfig:
   return cfg
 
 
-def trained_model(cfg: TrainConfig, base: Llama) -> tuple[Llama, MedusaHeads]:
+def trained_model(cfg: TrainConfig, base: Llama) -> tuple[Llama, MedusaHeads | EagleHead]:
   """(backbone, heads) of the latest checkpoint under `cfg.output_dir`; the backbone is `base`
-  itself unless the run was Medusa-2 (then `base` with the trained weights)."""
+  itself unless the run was Medusa-2 (then `base` with the trained weights). The run's drafting
+  vocabulary is its `draft_vocab.json` (`loop.train` writes it)."""
   checkpoints = manager(cfg)
   step = checkpoints.latest_step()
   if step is None:
     raise MedusaError(f"no checkpoint under {cfg.output_dir}/checkpoints")
-  heads = MedusaHeads.for_model(base, heads_config(cfg), param_dtype=jnp.float32)
+  heads = fresh_heads(cfg, base, draft_vocab.read(cfg.output_dir, None))
   heads_graphdef, heads_state = nnx.split(heads)
   base_graphdef, base_state = nnx.split(base)
   params = trained_params(cfg, heads_state, base_state)

@@ -27,8 +27,13 @@ class HeadsSection:
   num_heads: int = 4
   num_layers: int = 1
   share_lm_head: bool = True
-  head_type: str = "medusa"          # medusa (each head reads the hidden state) or hydra (head k
-                                     # also reads the path's tokens; `medusa/heads.py`)
+  head_type: str = "medusa"          # medusa (each head reads the hidden state), hydra (head k
+                                     # also reads the path's tokens; `medusa/heads.py`) or eagle
+                                     # (one decoder layer over the target's features; `medusa/eagle.py`)
+  taps: list = dataclasses.field(default_factory=list)  # eagle: the target layers it reads (their
+                                     # inputs); empty: EAGLE-3's low, middle and high layers
+  ttt_steps: int = 3                 # eagle: training-time test steps (its own outputs fed back);
+                                     # step j's loss weight is decay**j
   init: str = ""                     # start from these trained heads (e.g. Medusa-1's, for Medusa-2)
   draft_vocab: int = 0               # heads' softmax over the N most frequent answer tokens of the
                                      # training data (their drafting vocabulary, as decoding uses
@@ -230,3 +235,9 @@ def _check(config: TrainConfig) -> None:
     raise MedusaError("teacher_top_k needs method medusa1 (the frozen backbone is the teacher)")
   if config.cache.hidden and config.method != "medusa1":
     raise MedusaError("cache_hidden needs method medusa1 (a frozen backbone)")
+  if heads.head_type == "eagle":
+    if config.method != "medusa1" or config.cache.hidden or heads.teacher_top_k or heads.init:
+      raise MedusaError("an eagle drafter trains with method medusa1 on sequences (no cache.hidden, "
+                        "teacher_top_k or heads.init)")
+    if heads.ttt_steps < 1:
+      raise MedusaError(f"config key 'heads.ttt_steps' must be at least 1, got {heads.ttt_steps}")

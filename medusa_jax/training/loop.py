@@ -88,9 +88,9 @@ class TrainSetup:
 
 def setup(cfg: TrainConfig, init_heads: MedusaHeads | None = None) -> TrainSetup:
   """Loads the backbone (float32 master weights when it trains, else the compute dtype), makes
-  fresh heads or starts from `init_heads` (e.g. Medusa-1's, for Medusa-2; `cfg.heads.init` names
-  them for the command line, which reads them), places everything on the `cfg.mesh` mesh by the
-  logical axis rules, and jits the step."""
+  fresh heads (or an EAGLE drafter) or starts from `init_heads` (e.g. Medusa-1's, for Medusa-2;
+  `cfg.heads.init` names them for the command line, which reads them), places everything on the
+  `cfg.mesh` mesh by the logical axis rules, and jits the step."""
   batch_size = cfg.data.batch_size
   if batch_size % (cfg.mesh.data * cfg.mesh.fsdp):
     raise MedusaError(f"batch_size {batch_size} must divide by mesh.data x mesh.fsdp "
@@ -98,8 +98,13 @@ def setup(cfg: TrainConfig, init_heads: MedusaHeads | None = None) -> TrainSetup
   mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   loaded = specs.load(cfg.model.spec, dtype=cfg.model.compute_dtype, seed=cfg.seed,
                       param_dtype="float32" if cfg.method == "medusa2" else cfg.model.compute_dtype)
-  heads = MedusaHeads.for_model(loaded.model, checkpoints.heads_config(cfg), seed=cfg.seed,
-                                param_dtype=jnp.float32)
+  data = prepare_data(cfg, loaded.tokenizer, loaded.model.config.pad_token_id) if cfg.data.files else None
+  draft_ids = None
+  if cfg.heads.draft_vocab:
+    if data is None:
+      raise MedusaError("draft_vocab needs training data (its answers' tokens): set data=FILE")
+    draft_ids = draft_vocab.rank_by_frequency([data[0].tokens[data[0].mask]])[0][: cfg.heads.draft_vocab]
+  heads = checkpoints.fresh_heads(cfg, loaded.model, draft_ids)
   if init_heads is not None:
     c, w = init_heads.config, heads.config
     # Medusa heads can start Hydra ones: Hydra's input layers start as [I; 0; 0], so the Hydra heads
@@ -112,12 +117,6 @@ def setup(cfg: TrainConfig, init_heads: MedusaHeads | None = None) -> TrainSetup
   elif cfg.heads.init:
     raise MedusaError("heads.init names starting heads for train/train_heads.py; from Python, "
                       "read them (medusa_jax.formats.layout.read_heads) and pass init_heads=")
-  data = prepare_data(cfg, loaded.tokenizer, loaded.model.config.pad_token_id) if cfg.data.files else None
-  draft_ids = None
-  if cfg.heads.draft_vocab:
-    if data is None:
-      raise MedusaError("draft_vocab needs training data (its answers' tokens): set data=FILE")
-    draft_ids = draft_vocab.rank_by_frequency([data[0].tokens[data[0].mask]])[0][: cfg.heads.draft_vocab]
   vocab = len(draft_ids) if draft_ids is not None else loaded.model.config.vocab_size
   if cfg.heads.teacher_top_k > vocab:
     raise MedusaError(f"teacher_top_k {cfg.heads.teacher_top_k} exceeds the heads' {vocab}-token vocabulary")
@@ -177,6 +176,8 @@ def train(cfg: TrainConfig, *, init_heads: MedusaHeads | None = None, progress: 
   main = is_main()  # one process writes the run files and metrics
   if main:
     checkpoints.write_run_files(cfg, params)
+    if run.draft_ids is not None:
+      draft_vocab.save(cfg.output_dir, run.draft_ids)
   metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if main else None
   last = {}
   bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not (progress and main))

@@ -10,6 +10,11 @@ Medusa-2 (`method: medusa2`): the backbone trains with the heads, loss = L_LM + 
 distribution (`medusa2.lm_loss: kl`, for self-distilled data) or the next-token CE (`ce`); the
 backbone has its own learning rate.
 
+EAGLE (`heads.head_type: eagle`): the drafter's training-time test (`medusa/eagle.ttt_outputs`,
+`heads.ttt_steps` K) over sequences; step j at position t predicts x_{t+2} over the drafting
+vocabulary, counted where t >= j (the chain needs a real entry at t - j) and x_{t+2} is an
+assistant token; loss = sum_j decay**j * CE_j. Metrics report step j as "head" j.
+
 Memory: vocab projections and their losses run over chunks of positions inside a rematerialised
 scan, so float32 logits `[batch, seq, vocab]` are never held for all heads (or even one) at once.
 """
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.medusa.draft_vocab import DraftVocab
+from medusa_jax.medusa.eagle import EagleHead, ttt_outputs
 from medusa_jax.medusa.heads import MedusaHeads, head_targets
 from medusa_jax.model.llama import Llama
 from medusa_jax.training.batches import PositionBatch
@@ -105,6 +111,32 @@ def heads_loss(heads: MedusaHeads, base: Llama, positions: PositionBatch, decay:
     count = jnp.sum(valid[:, k]).astype(jnp.float32)
     scored_count = jnp.sum(scored[:, k]).astype(jnp.float32)
     loss = loss + (decay ** k) * ce / jnp.maximum(scored_count, 1.0)
+    ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
+    scored_counts.append(scored_count)
+  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts),
+                     jnp.stack(scored_counts))
+
+
+def eagle_loss(head: EagleHead, base: Llama, taps: jax.Array, tokens: jax.Array, mask: jax.Array,
+               steps: int, decay: float, chunk: int, draft_ids: np.ndarray | None) -> StepMetrics:
+  """The EAGLE drafter's loss (module docstring) on sequences: the target's taps
+  `[b, seq, len(taps) * embed]`, tokens and assistant mask `[b, seq]`; `draft_ids` its `lm_head`'s
+  token ids (None: the whole vocabulary)."""
+  outs = ttt_outputs(head, base, taps, tokens, steps)  # [K, b, seq, e]
+  targets, valid = (x[..., 0] for x in head_targets(tokens, mask, 1))
+  vocab = base.config.vocab_size
+  ids = np.arange(vocab) if draft_ids is None else draft_ids
+  cols, present = DraftVocab(jnp.asarray(ids, jnp.int32), None).index(targets, vocab)
+  e = outs.shape[-1]
+  ces, top1s, top5s, counts, scored_counts = [], [], [], [], []
+  loss = jnp.zeros((), jnp.float32)
+  for j in range(steps):
+    counted = valid & (jnp.arange(tokens.shape[1]) >= j)[None, :]
+    scored = counted & present
+    xs = (outs[j].reshape(-1, e), cols.reshape(-1), scored.reshape(-1))
+    ce, top1, top5 = _chunked_sum(lambda f, t, v: _ce_sums(head.logits(f), t, v), xs, chunk)
+    count, scored_count = (jnp.sum(x).astype(jnp.float32) for x in (counted, scored))
+    loss = loss + (decay ** j) * ce / jnp.maximum(scored_count, 1.0)
     ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
     scored_counts.append(scored_count)
   return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts),

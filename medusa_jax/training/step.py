@@ -1,5 +1,5 @@
-"""The jitted train step and evaluation: Medusa-1 (frozen backbone; sequences or cached positions)
-and Medusa-2 (backbone and heads jointly)."""
+"""The jitted train step and evaluation: Medusa-1 (frozen backbone; sequences or cached positions),
+Medusa-2 (backbone and heads jointly), and an EAGLE drafter (frozen backbone; sequences)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from medusa_jax.medusa.eagle import EagleHead
 from medusa_jax.training.batches import PositionBatch, SequenceBatch
 from medusa_jax.training.config import TrainConfig
-from medusa_jax.training.losses import heads_loss, lm_loss
+from medusa_jax.training.losses import eagle_loss, heads_loss, lm_loss
 from medusa_jax.training.targets import (
   backbone_hidden,
+  backbone_taps,
   position_targets,
   teacher_distribution,
 )
@@ -38,6 +40,11 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
   def loss_fn(params, base_state, batch: SequenceBatch | PositionBatch):
     heads = nnx.merge(heads_graphdef, params["heads"])
     frozen = nnx.merge(base_graphdef, base_state)
+    if isinstance(heads, EagleHead):
+      taps = jax.lax.stop_gradient(backbone_taps(frozen, batch.tokens, heads.config.taps))
+      metrics = eagle_loss(heads, frozen, taps, batch.tokens, batch.mask, h.ttt_steps, h.decay,
+                           cfg.optim.vocab_chunk, draft_ids)
+      return metrics.loss, metrics
     if "backbone" not in params:  # Medusa-1
       if isinstance(batch, SequenceBatch):
         hidden = jax.lax.stop_gradient(backbone_hidden(frozen, batch.tokens))
