@@ -129,23 +129,30 @@ def oracle_eagle(model, successor, lm_kernel, width=3, depth=3, budget=10):
   return head
 
 
-def write_tiny_eagle(path) -> None:
-  """A random EAGLE drafter (drafting vocabulary: ids 3..258) for `random:tiny`, written as an EAGLE
-  drafter directory."""
+def random_eagle(model, width=3, depth=3, budget=8, seed=0, scale=0.1):
+  """An EAGLE drafter for `model` with random weights everywhere, drafting over ids 3..258 (and
+  that default tree); returns (drafter, its ids)."""
   import jax
   from flax import nnx
 
-  from medusa_jax.formats import eagle as eagle_format
   from medusa_jax.medusa.eagle import EagleConfig, EagleHead, default_taps
+
+  ids = np.arange(3, 259, dtype=np.int32)
+  config = EagleConfig(default_taps(model.config.num_layers), len(ids), width, depth, budget)
+  graphdef, state = nnx.split(EagleHead.for_model(model, config, ids))
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(state))))
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x + scale * jax.random.normal(next(keys), x.shape), state)), ids
+
+
+def write_tiny_eagle(path) -> None:
+  """`random_eagle` for `random:tiny` (2 beams, 3 levels, 6 nodes), written as an EAGLE drafter
+  directory."""
+  from medusa_jax.formats import eagle as eagle_format
   from medusa_jax.model.config import preset
   from medusa_jax.weights.specs import random_model
 
   base = random_model(preset("tiny"), seed=0)  # what random:tiny loads
-  ids = np.arange(3, 259, dtype=np.int32)
-  head = EagleHead.for_model(base, EagleConfig(default_taps(base.config.num_layers), len(ids), 2, 3, 6), ids)
-  graphdef, state = nnx.split(head)
-  keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree.leaves(state))))
-  head = nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  head, ids = random_eagle(base, 2, 3, 6)
   eagle_format.write(str(path), head, ids, base, base_model="random:tiny")
 
 

@@ -5,40 +5,26 @@ an independent PyTorch forward of the EAGLE-3 layout, and training (loss, resume
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from helpers import oracle_eagle, permutation_model, random_prompts
+from helpers import oracle_eagle, permutation_model, random_eagle, random_prompts
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa.dynamic_tree import ranked_tree
-from medusa_jax.medusa.eagle import EagleConfig, EagleHead, default_taps, ttt_outputs
+from medusa_jax.medusa.eagle import ttt_outputs
 from medusa_jax.medusa.tree import Tree
 from medusa_jax.model.config import preset
 from medusa_jax.model.tokenizer import ByteTokenizer
 from medusa_jax.weights.specs import random_model
 
 
-def _random_head(model, config=None, seed=0, scale=0.1):
-  """A drafter with random weights everywhere (its drafting vocabulary: ids 3..202)."""
-  ids = np.arange(3, 203, dtype=np.int32)
-  config = config or EagleConfig(default_taps(model.config.num_layers), len(ids))
-  head = EagleHead.for_model(model, config, ids)
-  graphdef, state = nnx.split(head)
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(state))))
-  state = jax.tree.map(lambda x: x + scale * jax.random.normal(next(keys), x.shape), state)
-  return nnx.merge(graphdef, state), ids
-
-
 @pytest.fixture(scope="module")
 def tiny():
   model = random_model(preset("tiny"), seed=1)
-  head, ids = _random_head(model)
+  head, ids = random_eagle(model)
   return model, head, ids
 
 
@@ -114,8 +100,6 @@ def test_greedy_output_equals_the_baseline(tiny, settings):
   """Random prompts of different lengths in one batch, the drafter's default tree (3 beams, 3
   levels, 8 nodes) and another."""
   model, head, ids = tiny
-  head = nnx.merge(*nnx.split(head))
-  head.config = dataclasses.replace(head.config, width=3, depth=3, budget=8)
   engine = Engine(model, ByteTokenizer(), heads=head, draft_vocab=ids, max_cache_len=512)
   prompts = random_prompts(4, [5, 23, 11])
   base = engine.generate_ids(prompts, max_new_tokens=40, mode="baseline")
@@ -149,10 +133,16 @@ def test_bad_settings_are_one_line_errors(tiny):
   engine = Engine(model, ByteTokenizer(), heads=head, draft_vocab=ids, max_cache_len=512)
   with pytest.raises(MedusaError, match="tree_budget 30 must be in 2..13"):
     engine.generate_ids([[3, 4]], max_new_tokens=4, mode="medusa", draft_beams=3, draft_depth=2, tree_budget=30)
+  with pytest.raises(MedusaError, match="beam_heads drafts with Medusa or Hydra heads"):
+    engine.generate_ids([[3, 4]], max_new_tokens=4, mode="beam", num_beams=2, beam_heads=True)
   with pytest.raises(MedusaError, match="grows its tree each step"):
     engine.set_tree([[0]])
-  with pytest.raises(MedusaError, match="needs its 200 drafting token ids"):
+  with pytest.raises(MedusaError, match="needs its 256 drafting token ids"):
     Engine(model, ByteTokenizer(), heads=head, draft_vocab=ids[:5])
+  from medusa_jax.serve.scheduler import Scheduler
+
+  with pytest.raises(MedusaError, match="server does not draft with an EAGLE drafter yet"):
+    Scheduler(engine.loaded)
 
 
 def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path):

@@ -1,5 +1,5 @@
 """Sharded inference on simulated CPU devices: greedy output on a mesh (tensor-parallel weights and
-KV cache, data-parallel rows) equals one device, plain, Medusa and Hydra; a Llama-3-8B's weights
+KV cache, data-parallel rows) equals one device, plain, Medusa, Hydra and an EAGLE drafter; a Llama-3-8B's weights
 split 8 ways; a mesh that does not fit is one line. Each case runs in a subprocess, where
 `XLA_FLAGS` can still set the device count."""
 
@@ -28,7 +28,7 @@ def _run(script: str, devices: int, *args: str, check: bool = True) -> subproces
 TINY_MESHES = r"""
 import dataclasses, json, sys
 import jax, numpy as np
-from helpers import random_heads, random_prompts
+from helpers import random_eagle, random_heads, random_prompts
 from medusa_jax.decode.engine import Engine
 from medusa_jax.medusa.heads import HeadsConfig
 from medusa_jax.model.config import preset
@@ -41,13 +41,18 @@ config = dataclasses.replace(preset("tiny"), num_kv_heads=4)  # 4 query and 4 kv
 model = random_model(config, seed=3)
 prompts = random_prompts(1, [5, 17, 9, 30])
 out = {}
-for head_type in ("medusa", "hydra"):
-  heads = random_heads(model, HeadsConfig(4, 1, True, head_type), scale=0.3)
+for head_type in ("medusa", "hydra", "eagle"):
+  if head_type == "eagle":
+    heads, ids = random_eagle(model)
+    drafting = dict(draft_vocab=ids)
+  else:
+    heads = random_heads(model, HeadsConfig(4, 1, True, head_type), scale=0.3)
+    drafting = dict(tree="mc_sim_7b_63")
   for mesh in (None, "tensor=4", "data=2,tensor=2", "data=2,fsdp=2,tensor=2"):
     devices = jax.devices()[:8 if mesh and "fsdp" in mesh else 4 if mesh and "data" in mesh else
                             int(mesh.split("=")[1]) if mesh else 1]
-    engine = Engine(model, ByteTokenizer(), heads=heads, tree="mc_sim_7b_63", max_cache_len=512,
-                    mesh=parse_mesh(mesh, devices) if mesh else None)
+    engine = Engine(model, ByteTokenizer(), heads=heads, max_cache_len=512,
+                    mesh=parse_mesh(mesh, devices) if mesh else None, **drafting)
     for mode in ("baseline", "medusa", "gated") if head_type == "medusa" else ("baseline", "medusa"):
       settings = dict(mode="medusa", lookup=3, min_ngram=2) if mode == "gated" else dict(mode=mode)
       r = engine.generate_ids(prompts, max_new_tokens=40, **settings)
@@ -61,8 +66,8 @@ print(json.dumps(out))
 
 def test_tiny_greedy_on_meshes_equals_one_device():
   """tensor=4, data=2 x tensor=2 and data=2 x fsdp=2 x tensor=2 at batch 4 (mixed prompt
-  lengths): the tokens of one device, plain and Medusa (Medusa and Hydra heads; Medusa also with
-  the gated lookup chain), with the weights split over the devices."""
+  lengths): the tokens of one device, plain and Medusa (Medusa and Hydra heads, an EAGLE drafter;
+  Medusa also with the gated lookup chain), with the weights split over the devices."""
   out = json.loads(_run(TINY_MESHES, 8).stdout.strip().splitlines()[-1])
   assert out["medusa|tensor=4|share"] < 0.35 and out["medusa|None|share"] == 1.0  # weights split
   for key, value in out.items():

@@ -136,6 +136,9 @@ def main(argv=None):
     engines[m].plan(c)  # a clear error when the heads or the draft model are missing
   if args.heads_accuracy:
     engine.plan(config.replace(mode="medusa"))
+    if engine.eagle is not None:
+      raise MedusaError("--heads-accuracy measures Medusa or Hydra heads; an EAGLE drafter's top-1 per "
+                        "drafting depth is in its training run's metrics.jsonl (split eval)")
   accuracy = _heads_accuracy(engine, convs, args) if args.heads_accuracy else None
   if args.accuracy_only:
     if args.out:

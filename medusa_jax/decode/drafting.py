@@ -72,6 +72,9 @@ def _mode(config: GenerationConfig, loaded: LoadedModel, modes: tuple[str, ...])
   if (mode == "medusa" or (mode == "beam" and config.beam_heads)) and loaded.heads_graphdef is None:
     raise MedusaError(f"mode {mode}{' with beam_heads' if mode == 'beam' else ''} needs Medusa heads "
                       "(load some with heads=...)")
+  if mode == "beam" and config.beam_heads and loaded.eagle is not None:
+    raise MedusaError("beam_heads drafts with Medusa or Hydra heads; an EAGLE drafter keeps one KV "
+                      "cache per row, not per beam")
   if mode == "draft" and loaded.draft_model is None:
     raise MedusaError("mode draft needs a draft model (draft_model='self:L' or a model spec)")
   return mode
