@@ -24,6 +24,55 @@ CHAT_PROMPTS = [
 ]
 
 
+# --- the server's slots ------------------------------------------------------------------------
+
+
+def decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, pattern="", cheaper=False, **settings):
+  """Greedy rows decoded by the server's slots (`serve/slots.py`; one slot more than rows), 2 steps
+  a chunk over `mode`'s drafter (as the server runs it: `drafting.for_slots`); with `plain_every`
+  n, every n-th chunk plain; with `pattern` (e.g. "DPP"), chunk i drafted or plain as its
+  character i (cycled) says; with `cheaper`, the
+  chunks take turns over plain, the drafter's `cheaper_drafters` and the drafter (the server's
+  choices). Returns (each row's tokens, chunks run, each drafted chunk's (counts, budgets left
+  before it) per row)."""
+  import jax.numpy as jnp
+
+  from medusa_jax.decode.drafters import cheaper_drafters
+  from medusa_jax.decode.drafting import for_slots
+  from medusa_jax.serve import slots as device
+
+  plan = engine.plan(mode=mode, **settings)
+  drafter, params = for_slots(plan.drafter, 2), plan.params
+  turns = (None, *cheaper_drafters(drafter), drafter) if cheaper else (drafter,)
+  rows = len(prompts)
+  draft = drafter.empty(params, engine.model, rows + 1, 256, engine.dtype, None)
+  slots = device.Slots.init(engine.config, rows + 1, 256, engine.dtype, draft=draft)
+  out = [[] for _ in prompts]
+  for i, p in enumerate(prompts):
+    tokens = np.full((1, 64), engine.pad_id, np.int32)
+    tokens[0, :len(p)] = p
+    slots, first, _ = device.insert(engine.state, params, slots, jnp.int32(i), jnp.asarray(tokens),
+                                    jnp.int32(len(p)), jnp.float32(0), jnp.float32(1), jnp.uint32(0),
+                                    jnp.int32(max_new), jnp.bool_(True), engine.eos_ids, graphdef=engine.graphdef,
+                                    drafter=drafter)
+    out[i] = [int(first)]
+  chunks, drafted = 0, []
+  while not bool(np.asarray(slots.done[:rows]).all()):
+    turn = turns[chunks % len(turns)]
+    plain = (turn is None or bool(plain_every) and chunks % plain_every == plain_every - 1
+             or bool(pattern) and pattern[chunks % len(pattern)] == "P")
+    left = np.asarray(slots.budget[:rows])
+    slots, tokens, counts = device.run_chunk(engine.state, params, slots, engine.eos_ids, graphdef=engine.graphdef,
+                                             drafter=turn or drafter, bucket=rows, steps=2, plain=plain)
+    for i in range(rows):
+      out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
+    if not plain:
+      drafted.append((np.asarray(counts), left))
+    chunks += 1
+  return out, chunks, drafted
+
+
+
 # --- tiny models and heads -----------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_heads
+from helpers import decode_in_chunks, random_heads
 
 from medusa_jax.decode.drafters import (
   GatedHybrid,
@@ -304,44 +304,6 @@ def test_cheaper_drafters_verify_fewer_tokens():
   assert cheaper_drafters(LookupDrafter(4)) == cheaper_drafters(ModelDrafter(None, 4, 1)) == ()
 
 
-def _decode_in_chunks(engine, prompts, mode, *, max_new=48, plain_every=0, cheaper=False, **settings):
-  """Greedy rows decoded by the server's slots (`serve/slots.py`; one slot more than rows), 2 steps
-  a chunk over `mode`'s drafter; with `plain_every` n, every n-th chunk plain; with `cheaper`, the
-  chunks take turns over plain, the drafter's `cheaper_drafters` and the drafter (the server's
-  choices). Returns (each row's tokens, chunks run, each drafted chunk's (counts, budgets left
-  before it) per row)."""
-  from medusa_jax.serve import slots as device
-
-  plan = engine.plan(mode=mode, **settings)
-  drafter, params = plan.drafter, plan.params
-  turns = (None, *cheaper_drafters(drafter), drafter) if cheaper else (drafter,)
-  rows = len(prompts)
-  draft = drafter.empty(params, engine.model, rows + 1, 256, engine.dtype, None)
-  slots = device.Slots.init(engine.config, rows + 1, 256, engine.dtype, draft=draft)
-  out = [[] for _ in prompts]
-  for i, p in enumerate(prompts):
-    tokens = np.full((1, 64), engine.pad_id, np.int32)
-    tokens[0, :len(p)] = p
-    slots, first, _ = device.insert(engine.state, params, slots, jnp.int32(i), jnp.asarray(tokens),
-                                    jnp.int32(len(p)), jnp.float32(0), jnp.float32(1), jnp.uint32(0),
-                                    jnp.int32(max_new), jnp.bool_(True), engine.eos_ids, graphdef=engine.graphdef,
-                                    drafter=drafter)
-    out[i] = [int(first)]
-  chunks, drafted = 0, []
-  while not bool(np.asarray(slots.done[:rows]).all()):
-    turn = turns[chunks % len(turns)]
-    plain = turn is None or bool(plain_every) and chunks % plain_every == plain_every - 1
-    left = np.asarray(slots.budget[:rows])
-    slots, tokens, counts = device.run_chunk(engine.state, params, slots, engine.eos_ids, graphdef=engine.graphdef,
-                                             drafter=turn or drafter, bucket=rows, steps=2, plain=plain)
-    for i in range(rows):
-      out[i] += [int(t) for t in np.asarray(tokens[i])[: int(counts[i])]]
-    if not plain:
-      drafted.append((np.asarray(counts), left))
-    chunks += 1
-  return out, chunks, drafted
-
-
 def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   """The server's slots (`serve/slots.py`) keep each row's tokens, so a chunk drafts with prompt
   lookup too, grafted onto the heads' tree (always or gated) or alone: two greedy rows decoded in
@@ -352,7 +314,7 @@ def test_server_chunks_graft_lookup_and_stay_lossless(tiny):
   base, base_n, _, _ = tiny.generate_ids(prompts, max_new_tokens=48, mode="baseline")
 
   def decode(mode, **settings):
-    out, chunks, _ = _decode_in_chunks(tiny, prompts, mode, **settings)
+    out, chunks, _ = decode_in_chunks(tiny, prompts, mode, **settings)
     for i in range(2):
       assert out[i] == list(base[i][: base_n[i]]), (mode, settings)
     return chunks
@@ -379,7 +341,7 @@ def test_server_chunks_draft_with_a_model_that_catches_up_after_plain_chunks(tin
   tiny_draft.set_draft_model(random_model(preset("tiny"), seed={"other": 9, "same": 3}[draft]), ByteTokenizer())
   prompts = _prompts([20, 34])
   base, base_n, _, _ = tiny_draft.generate_ids(prompts, max_new_tokens=48, mode="baseline")
-  out, _, drafted = _decode_in_chunks(tiny_draft, prompts, "draft", plain_every=2, draft_tokens=3, draft_tree=tree)
+  out, _, drafted = decode_in_chunks(tiny_draft, prompts, "draft", plain_every=2, draft_tokens=3, draft_tree=tree)
   for i in range(2):
     assert out[i] == list(base[i][: base_n[i]])
   if draft == "same":  # 2 steps of 3 drafted + 1 bonus, or what is left of the budget

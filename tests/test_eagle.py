@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import oracle_eagle, permutation_model, random_eagle, random_prompts
+from flax import nnx
+from helpers import (
+  decode_in_chunks,
+  oracle_eagle,
+  permutation_model,
+  random_eagle,
+  random_prompts,
+)
 
 from medusa_jax.decode.engine import Engine
 from medusa_jax.errors import MedusaError
@@ -139,16 +146,14 @@ def test_bad_settings_are_one_line_errors(tiny):
     engine.set_tree([[0]])
   with pytest.raises(MedusaError, match="needs its 256 drafting token ids"):
     Engine(model, ByteTokenizer(), heads=head, draft_vocab=ids[:5])
-  from medusa_jax.serve.scheduler import Scheduler
-
-  with pytest.raises(MedusaError, match="server does not draft with an EAGLE drafter yet"):
-    Scheduler(engine.loaded)
 
 
-def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path):
-  """Written in the EAGLE-3 layout and read back, the drafter drafts the same; a PyTorch forward
-  written from the layout's definition (fc, the two input norms, attention over [embed ; fused]
-  with RoPE, SwiGLU, final norm, lm_head over d2t's ids) gives our logits."""
+@pytest.mark.parametrize("layout", ["eagle3", "speculators"])
+def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path, layout):
+  """Written in the EAGLE-3 reference's layout or the speculators one and read back, the drafter
+  drafts the same; a PyTorch forward written from the layout's definition (fc, the two input
+  norms, attention over [embed ; fused] with RoPE, SwiGLU, final norm, lm_head over d2t's ids)
+  gives our logits."""
   import torch
   from safetensors.torch import load_file
 
@@ -157,7 +162,7 @@ def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path)
 
   model, head, ids = tiny
   shuffled = np.random.default_rng(0).permutation(ids).astype(np.int32)  # frequency order, not sorted
-  eagle_format.write(str(tmp_path / "eagle"), head, shuffled, model, base_model="random:tiny")
+  eagle_format.write(str(tmp_path / "eagle"), head, shuffled, model, base_model="random:tiny", layout=layout)
   back = read_heads(str(tmp_path / "eagle"), model)
   back_ids = read_draft_ids(str(tmp_path / "eagle"), None)
   np.testing.assert_array_equal(np.sort(back_ids), np.sort(ids))
@@ -172,6 +177,8 @@ def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path)
                              rtol=1e-5, atol=1e-5)
 
   w = load_file(str(tmp_path / "eagle" / "model.safetensors"))
+  layer = eagle_format.LAYOUTS[layout]
+  w = {k.replace(layer, "midlayer"): v for k, v in w.items()}
   c = model.config
   t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
 
@@ -204,3 +211,58 @@ def test_directory_round_trip_and_an_independent_pytorch_forward(tiny, tmp_path)
   draft_ids = (torch.arange(len(w["d2t"])) + w["d2t"]).numpy()
   np.testing.assert_array_equal(draft_ids, np.sort(ids))
   np.testing.assert_allclose(logits.numpy(), np.asarray(ours)[:, np.argsort(shuffled)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["DP", "DPP"])
+def test_server_chunks_keep_the_drafter_through_plain_chunks(tiny, pattern):
+  """In the server's slots a plain chunk's steps hand the drafter their features: greedy rows equal
+  the baseline, and the always-right drafter accepts every level of every step of every drafted
+  chunk after one plain chunk (DP) or two in a row (DPP: more plain steps than its backlog holds,
+  written as they come), which holds only if its entries for the plain steps are right."""
+  model, head, ids = tiny
+  engine = Engine(model, ByteTokenizer(), heads=head, draft_vocab=ids, max_cache_len=512)
+  prompts = random_prompts(5, [20, 34])
+  base = engine.generate_ids(prompts, max_new_tokens=48, mode="baseline")
+  out, _, _ = decode_in_chunks(engine, prompts, "medusa", pattern=pattern)
+  for i in range(2):
+    assert out[i] == list(base.tokens[i][: base.num_tokens[i]])
+
+  permutation, sigma = permutation_model()
+  depth = 3
+  oracle = oracle_eagle(permutation, sigma, jnp.eye(64)[sigma], width=2, depth=depth, budget=5)
+  engine = Engine(permutation, ByteTokenizer(), heads=oracle, draft_vocab=np.arange(64), max_cache_len=512)
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)
+  prompts = [[int(t) % 64 for t in p] for p in prompts]
+  out, _, drafted = decode_in_chunks(engine, prompts, "medusa", pattern=pattern)
+  for p, row in zip(prompts, out):
+    expected, t = [], p[-1]
+    for _ in range(48):
+      t = int(sigma[t])
+      expected.append(t)
+    assert row == expected
+  for counts, left in drafted:  # 2 steps of depth + 1 tokens, or what is left of the budget
+    np.testing.assert_array_equal(counts, np.minimum(2 * (depth + 1), np.maximum(left, 0)))
+
+
+def test_export_cli_converts_between_layouts(tmp_path):
+  """`infer/export_hf.py --format speculators` on an EAGLE drafter directory: the exported
+  drafter reads back with the same weights and drafting vocabulary; Medusa formats refuse it."""
+  import os
+  import subprocess
+  import sys
+
+  from helpers import ROOT, write_tiny_eagle
+
+  from medusa_jax.formats.layout import read_draft_ids, read_heads
+
+  write_tiny_eagle(tmp_path / "eagle3")
+  cmd = [sys.executable, os.path.join(ROOT, "infer", "export_hf.py"), "--model", "random:tiny", "--heads",
+         str(tmp_path / "eagle3"), "--out"]
+  subprocess.run(cmd + [str(tmp_path / "spec"), "--format", "speculators"], check=True, timeout=300)
+  model = random_model(preset("tiny"), seed=0)
+  a, b = (read_heads(str(tmp_path / d), model) for d in ("eagle3", "spec"))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(a), nnx.state(b))
+  np.testing.assert_array_equal(read_draft_ids(str(tmp_path / "eagle3"), None), read_draft_ids(str(tmp_path / "spec"), None))
+  proc = subprocess.run(cmd + [str(tmp_path / "m"), "--format", "medusa"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "an EAGLE drafter exports as eagle3 or speculators" in proc.stderr
+  assert not (tmp_path / "m").exists()

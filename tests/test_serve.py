@@ -330,13 +330,29 @@ def test_chunk_choice_follows_greedy_and_sampling_rows(engine):
   assert s._choose(1)[0] == 1 and s._exploration[1].every == 32
 
 
-def test_plain_serving_starts_before_the_drafting_programs_compile(engine):
+@pytest.fixture(scope="module")
+def eagle_engine(tmp_path_factory):
+  """`random:tiny` with a random EAGLE drafter (`helpers.write_tiny_eagle`)."""
+  from helpers import write_tiny_eagle
+
+  import medusa_jax
+
+  path = tmp_path_factory.mktemp("eagle") / "eagle"
+  write_tiny_eagle(path)
+  return medusa_jax.load(MODEL, heads=str(path))
+
+
+@pytest.mark.parametrize("drafter", ["heads", "eagle"])
+def test_plain_serving_starts_before_the_drafting_programs_compile(request, drafter):
   """Start-up compiles plain decoding first and serves it at once; the drafting programs compile
   afterwards and join the choices. Greedy answers equal `Engine.generate_ids` before and after,
-  and once they are compiled, drafting chunks run."""
+  and once they are compiled, drafting chunks run (Medusa heads with a lookup chain; an EAGLE
+  drafter, which takes the plain chunks' target features)."""
   import threading
 
   from medusa_jax.serve.scheduler import Request, Scheduler
+
+  engine = request.getfixturevalue("engine" if drafter == "heads" else "eagle_engine")
 
   lines = []
   s = Scheduler(engine.loaded, max_batch=2, max_context=256, log=lines.append)

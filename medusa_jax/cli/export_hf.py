@@ -1,9 +1,12 @@
-"""Convert heads (orbax training dir, Medusa/TGI or vLLM dir) and backbones to serving formats.
+"""Convert heads (orbax training dir, Medusa/TGI, vLLM or EAGLE dir) and backbones to serving formats.
 
     python infer/export_hf.py --heads runs/smollm2-135m --model smollm2-135m-instruct --format medusa --out out/medusa
+    python infer/export_hf.py --heads runs/eagle/heads --format speculators --out out/eagle
     python infer/export_hf.py --model smollm2-135m-instruct --format hf-llama --out out/llama
 
-Formats: medusa (Medusa v0.1 / TGI), vllm (vLLM Medusa), hf-llama (backbone as HF Llama).
+Formats: medusa (Medusa v0.1 / TGI), vllm (vLLM Medusa), eagle3 and speculators (an EAGLE drafter
+in the EAGLE-3 reference's layout or the speculators package's, both loaded by vLLM and SGLang),
+hf-llama (backbone as HF Llama).
 The output appears complete or not at all; an existing --out is kept unless --force.
 """
 
@@ -31,8 +34,8 @@ def main(argv=None):
   p.add_argument("--force", action="store_true")
   args = p.parse_args(argv)
   quiet_logs()
-  from medusa_jax.formats.layout import export, read_heads
-  from medusa_jax.medusa import draft_vocab
+  from medusa_jax.formats.layout import export, read_draft_ids, read_heads
+  from medusa_jax.medusa.eagle import EagleHead
   from medusa_jax.weights import specs
 
   loaded = specs.load(args.model)
@@ -40,7 +43,8 @@ def main(argv=None):
   if args.heads == "default" and heads_path is None:
     raise MedusaError(f"no shipped heads for {args.model}; give --heads DIR")
   heads = read_heads(heads_path, loaded.model) if heads_path else None
-  ids = draft_vocab.read(heads_path, args.draft_vocab) if heads_path else None
+  size = None if isinstance(heads, EagleHead) else args.draft_vocab  # a drafter's lm_head has them all
+  ids = read_draft_ids(heads_path, size) if heads_path else None
   export(args.format, args.out, model=loaded.model, heads=heads, base_name=loaded.name,
          tokenizer=loaded.tokenizer, force=args.force, draft_ids=ids)
   print(f"wrote {args.format} to {args.out}")

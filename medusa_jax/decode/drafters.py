@@ -373,8 +373,10 @@ class EagleState:
   """An `EagleDrafter`'s state between steps."""
 
   cache: KVCache           # the drafter's entries for the accepted prefix, each from real target features
-  pending: jax.Array       # `[batch, D + 1, F]` the target's features of the entries still to write
-  pending_count: jax.Array  # `[batch]` how many: the last step's root and accepted nodes
+  pending: jax.Array       # `[batch, D + 1 + backlog, F]` the target's features of the entries still
+                           # to write
+  pending_count: jax.Array  # `[batch]` how many: the last step's root and accepted nodes, then
+                            # the roots of steps decoded without drafting
 
 
 class EagleParams(NamedTuple):
@@ -387,21 +389,29 @@ class EagleParams(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class EagleDrafter:
   """An EAGLE-3-style drafter (`medusa/eagle.py`) over its own KV cache of the accepted prefix.
-  Each step it first writes the entries of the last step's accepted tokens from their real target
-  features (one causal chunk of `depth + 1`), then grows the tree from the root's entry: `width`
-  beams, `depth` levels (`EagleHead.expand`), the best `budget` nodes kept
+  Each step it first writes the entries still pending (the last step's root and accepted tokens,
+  with their real target features) in one causal chunk, then grows the tree from the root's
+  entry: `width` beams, `depth` levels (`EagleHead.expand`), the best `budget` nodes kept
   (`dynamic_tree.ranked_tree`). Its trees are deterministic drafts, verified by the tree rules.
-  Params: `EagleParams`."""
+  Steps decoded without it (a server's plain chunks) hand it their features (`observe`); up to
+  `backlog` of them wait beside the last step's, more are written as they come. Params:
+  `EagleParams`."""
 
   graphdef: nnx.GraphDef
   taps: tuple[int, ...]
   width: int
   depth: int
   budget: int
+  backlog: int = 0
 
   @property
   def tree(self) -> TreeShape:
     return TreeShape(self.budget, self.depth)
+
+  @property
+  def _pending(self) -> int:
+    """Entries that may wait to be written: a step's root and accepted nodes, and the backlog."""
+    return self.depth + 1 + self.backlog
 
   def _head(self, params: EagleParams):
     return nnx.merge(self.graphdef, params.weights)
@@ -410,7 +420,7 @@ class EagleDrafter:
     head = self._head(params)
     features = len(self.taps) * model.config.hidden_size
     return EagleState(head.empty_cache(rows, cache_len, cache_dtype, mesh),
-                      jnp.zeros((rows, self.depth + 1, features), model.dtype), jnp.zeros((rows,), jnp.int32))
+                      jnp.zeros((rows, self._pending, features), model.dtype), jnp.zeros((rows,), jnp.int32))
 
   def start(self, params, model: Llama, tokens, prompt_lens, cache_len: int, cache_dtype, mesh,
             taps=None) -> EagleState:
@@ -425,25 +435,44 @@ class EagleDrafter:
     return EagleState(dataclasses.replace(cache, lengths=prompt_lens.astype(jnp.int32) - 1), pending,
                       jnp.ones_like(state.pending_count))
 
+  def _write_pending(self, head, model: Llama, state: EagleState, history: jax.Array):
+    """The pending entries written to the cache (their next tokens read from `history`): (their
+    outputs `[batch, pending, embed]`, the state with none pending)."""
+    start = state.cache.lengths
+    following = gather_rows(history, start[:, None] + 1 + jnp.arange(self._pending)[None, :])
+    out, cache = head.chunk(model, head.fuse(state.pending), following, state.cache)
+    return out, dataclasses.replace(state, cache=cache.advance(state.pending_count),
+                                    pending_count=jnp.zeros_like(state.pending_count))
+
+  def observe(self, params, model: Llama, state: EagleState, features: jax.Array, history: jax.Array,
+              keep: jax.Array) -> EagleState:
+    """After a step decoded without drafting (one token emitted after the root): the root's target
+    features `[batch, F]` join the pending entries of the rows not in `keep`; `history` holds
+    every row's tokens through the root. When some row's pending entries are full they are all
+    written first."""
+    head = self._head(params)
+    full = jnp.any(state.pending_count >= self._pending)
+    state = jax.lax.cond(full, lambda s: self._write_pending(head, model, s, history)[1], lambda s: s, state)
+    pending = write_rows(state.pending, features[:, None].astype(state.pending.dtype), state.pending_count)
+    return EagleState(state.cache, jnp.where(keep[:, None, None], state.pending, pending),
+                      jnp.where(keep, state.pending_count, state.pending_count + 1))
+
   def catch_up(self, params, model: Llama, state, history, lengths, width: int):
-    raise NotImplementedError("an EAGLE drafter needs the target's features of every token: "
-                              "it drafts only in loops that verify with it from the prompt on")
+    return state  # every step decoded without it was `observe`d
 
   def propose(self, params, model: Llama, ctx: DraftContext, state: EagleState, key) -> Proposal:
     head = self._head(params)
-    start = state.cache.lengths  # the pending entries sit at start .. start + count - 1 = root's - 1
-    width = self.depth + 1
-    following = gather_rows(ctx.history, start[:, None] + 1 + jnp.arange(width)[None, :])
-    out, cache = head.chunk(model, head.fuse(state.pending), following, state.cache)
-    cache = cache.advance(state.pending_count)
-    root_out = jnp.take_along_axis(out, jnp.maximum(state.pending_count - 1, 0)[:, None, None], axis=1)[:, 0]
-    drafted = head.expand(model, root_out, cache, params.ids, self.width, self.depth)
+    count = state.pending_count  # the pending entries end at the root's position - 1
+    out, state = self._write_pending(head, model, state, ctx.history)
+    root_out = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    drafted = head.expand(model, root_out, state.cache, params.ids, self.width, self.depth)
     tokens, tree = ranked_tree(ctx.root, drafted.tokens, drafted.parents, drafted.scores, drafted.depths,
                                self.budget)
-    return Proposal(tokens, None, dataclasses.replace(state, cache=cache), tree)
+    return Proposal(tokens, None, state, tree)
 
   def commit(self, state: EagleState, path: jax.Array, n: jax.Array, keep: jax.Array,
              features=None) -> EagleState:
-    pending = jnp.take_along_axis(features, path[:, :, None], axis=1).astype(state.pending.dtype)
+    kept = jnp.take_along_axis(features, path[:, :, None], axis=1).astype(state.pending.dtype)
+    pending = state.pending.at[:, :path.shape[1]].set(kept)
     return EagleState(state.cache, jnp.where(keep[:, None, None], state.pending, pending),
                       jnp.where(keep, 0, n).astype(jnp.int32))

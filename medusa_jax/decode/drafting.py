@@ -137,3 +137,11 @@ def _eagle(config: GenerationConfig, loaded: LoadedModel):
                       f"{candidates} candidates of draft_beams {width} x draft_depth {depth}")
   drafter = EagleDrafter(loaded.heads_graphdef, eagle.taps, width, depth, budget)
   return drafter, EagleParams(loaded.heads_state, loaded.draft_vocab.ids)
+
+
+def for_slots(drafter: Drafter | None, chunk_steps: int) -> Drafter | None:
+  """`drafter` as a server's slots run it, with chunks of `chunk_steps` steps that may all be plain:
+  an EAGLE drafter keeps that many plain steps' features waiting beside a tree step's."""
+  if isinstance(drafter, EagleDrafter):
+    return dataclasses.replace(drafter, backlog=chunk_steps)
+  return drafter

@@ -41,9 +41,9 @@ def read_heads(path: str, model: Llama) -> MedusaHeads | EagleHead:
 
 
 def read_draft_ids(path: str, size: int | None) -> np.ndarray | None:
-  """The drafting vocabulary of the heads in `path`: an EAGLE drafter's own (all of it: its
-  `lm_head` has a column per id), else the `size` most frequent of `draft_vocab.json`'s
-  (`draft_vocab.read`)."""
+  """The drafting vocabulary of the heads in `path`: an EAGLE drafter directory's own (all of it:
+  its `lm_head` has a column per id), else the `size` most frequent of `draft_vocab.json`'s
+  (`draft_vocab.read`; an EAGLE drafter's training run needs `size` None)."""
   if detect(path) == "eagle":
     from safetensors import safe_open
 
@@ -53,16 +53,25 @@ def read_draft_ids(path: str, size: int | None) -> np.ndarray | None:
   return draft_vocab.read(path, size)
 
 
-def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | None, base_name: str,
+def export(fmt: str, out: str, *, model: Llama, heads: MedusaHeads | EagleHead | None, base_name: str,
            tokenizer=None, force: bool = False, draft_ids: np.ndarray | None = None) -> None:
   """Writes `fmt` to `out`: heads for Medusa/TGI (per-head lm_heads always written, as those tools
-  need them) or vLLM, or the backbone as HF Llama. `draft_ids`: the heads' drafting vocabulary
-  (vLLM's `token_map`; in the Medusa layout a `draft_vocab.json` and lm_head rows that are zero
-  outside it, so TGI drafts from it too), None for the whole vocabulary."""
+  need them) or vLLM, an EAGLE drafter in the EAGLE-3 reference (`eagle3`) or `speculators`
+  layout (`formats/eagle.py`), or the backbone as HF Llama. `draft_ids`: the heads' drafting
+  vocabulary (vLLM's `token_map`; in the Medusa layout a `draft_vocab.json` and lm_head rows that
+  are zero outside it, so TGI drafts from it too; an EAGLE drafter's `lm_head` columns), None for
+  the whole vocabulary."""
   if fmt not in FORMATS:
     raise MedusaError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
   if fmt != "hf-llama" and heads is None:
     raise MedusaError(f"format {fmt} needs heads (--heads)")
+  if fmt in eagle.LAYOUTS or (fmt != "hf-llama" and isinstance(heads, EagleHead)):
+    if not isinstance(heads, EagleHead) or fmt not in eagle.LAYOUTS:
+      raise MedusaError(f"format {fmt} cannot hold {heads.config.head_type} heads: an EAGLE drafter "
+                        f"exports as {' or '.join(eagle.LAYOUTS)}, Medusa heads as medusa or vllm")
+    ids = np.arange(model.config.vocab_size) if draft_ids is None else draft_ids
+    eagle.write(out, heads, ids, model, base_model=base_name, layout=fmt, force=force)
+    return
   if fmt != "hf-llama" and heads.config.head_type != "medusa":
     raise MedusaError(f"{heads.config.head_type} heads cannot be exported as {fmt}: Medusa, TGI and "
                       "vLLM do not feed heads the drafted tokens; decode them with medusa-jax")

@@ -39,8 +39,8 @@ from medusa_jax.model.llama import Llama, causal_mask
 
 def default_taps(num_layers: int) -> tuple[int, ...]:
   """EAGLE-3's layers for a target of `num_layers`: the inputs of layers 2, L // 2 and L - 3
-  (clipped to the model's layers for tiny ones)."""
-  return tuple(min(max(i, 0), num_layers) for i in (2, num_layers // 2, num_layers - 3))
+  (clipped to the model's layers for tiny ones), ascending (the order vLLM concatenates them in)."""
+  return tuple(sorted(min(max(i, 0), num_layers) for i in (2, num_layers // 2, num_layers - 3)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.decode.config import GenerationConfig
-from medusa_jax.decode.drafters import cheaper_drafters, taps_of
-from medusa_jax.decode.drafting import SERVED, resolve
+from medusa_jax.decode.drafters import cheaper_drafters
+from medusa_jax.decode.drafting import SERVED, for_slots, resolve
 from medusa_jax.decode.loaded import LoadedModel
 from medusa_jax.errors import MedusaError
 from medusa_jax.serve import slots as device
@@ -95,10 +95,7 @@ class Scheduler:
     self.loaded = loaded
     # rows sample by their own settings (`coupled.py`), so drafts are the drafter's greedy ones
     plan = resolve((config or GenerationConfig()).replace(temperature=0.0), loaded, modes=SERVED)
-    if taps_of(plan.drafter):
-      raise MedusaError("the server does not draft with an EAGLE drafter yet (its plain chunks keep no "
-                        "target features to catch it up): serve Medusa or Hydra heads, lookup or baseline")
-    self.mode, self.drafter, self.params = plan.mode, plan.drafter, plan.params
+    self.mode, self.drafter, self.params = plan.mode, for_slots(plan.drafter, chunk_steps), plan.params
     self.tree = None if self.drafter is None else self.drafter.tree  # the largest a step verifies
     # what a chunk runs, cheapest first: plain decoding (None), cheaper drafters, the drafter
     self.choices = (None,) if self.drafter is None else (None, *cheaper_drafters(self.drafter), self.drafter)

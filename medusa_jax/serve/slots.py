@@ -3,10 +3,11 @@ that requests enter and leave while the others keep decoding.
 
 `insert` prefills one prompt and writes it into a free slot; `run_chunk` runs a fixed number of
 decode steps for the first `bucket` slots at once, over the slots' drafter's tree (Medusa heads,
-with a prompt-lookup chain grafted on when asked, prompt lookup alone, or a draft model) or plain,
-and returns what each emitted. A draft model keeps its own KV cache rows beside the slots' (the
-drafter's state, `drafters.py`): a plain chunk writes its tokens there too, in one draft forward
-at its end, so the next tree chunk drafts from the whole text. Every row samples by its own
+with a prompt-lookup chain grafted on when asked, prompt lookup alone, a draft model, an EAGLE
+drafter) or plain, and returns what each emitted. A draft model keeps its own KV cache rows beside
+the slots' (the drafter's state, `drafters.py`): a plain chunk writes its tokens there too, in one
+draft forward at its end, so the next tree chunk drafts from the whole text; an EAGLE drafter's
+rows take each plain step's target features as it runs (`EagleDrafter.observe`). Every row samples by its own
 settings (`coupled.RowSettings`: device arrays, so a new temperature or seed never recompiles),
 and a row's tokens depend on its prompt, settings and seed alone: not on the other rows, the
 bucket or the tree (`coupled.py`). The host keeps the live rows in the first slots (`move_row`
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from medusa_jax.decode.drafters import DraftContext, Drafter
+from medusa_jax.decode.drafters import DraftContext, Drafter, taps_of
 from medusa_jax.decode.plain import Emitted, prefill
 from medusa_jax.decode.speculative import Step, speculative_step
 from medusa_jax.model.config import ModelConfig
@@ -116,9 +117,9 @@ def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.
   model = nnx.merge(graphdef, state)
   max_len, dtype = slots.cache.max_len, slots.cache.keys[0].dtype
   cache = KVCache.init(model.config, 1, max_len, dtype)
-  logits, hidden, cache, _ = prefill(model, tokens, prompt_len[None], cache)
+  logits, hidden, cache, taps = prefill(model, tokens, prompt_len[None], cache, taps=taps_of(drafter))
   draft = None if slots.draft is None else _row(drafter.start(params, model, tokens, prompt_len[None], max_len,
-                                                              dtype, None), 0)
+                                                              dtype, None, taps), 0)
   rows = RowSettings.create(temperature[None], top_p[None], seed[None])
   first = jnp.argmax(target_logits(logits[:, None], prompt_len[None, None], rows), axis=-1)[0, 0]
   first = first.astype(jnp.int32)
@@ -129,12 +130,14 @@ def insert(state: nnx.State, params, slots: Slots, slot: jax.Array, tokens: jax.
   return Inserted(_set_row(slots, row, slot), first, done)
 
 
-def _plain_step(model, s: Slots) -> Step:
-  hidden, cache = model.hidden_states(s.root[:, None], s.cache.lengths[:, None], s.cache)
-  target = target_logits(model.logits(hidden), s.cache.lengths[:, None] + 1, s.rows)
+def _plain_step(model, drafter, params, s: Slots, done) -> Step:
+  """One token per row; a drafter that reads the target's features `observe`s the root's."""
+  out = model.forward(s.root[:, None], s.cache.lengths[:, None], s.cache, taps=taps_of(drafter))
+  target = target_logits(model.logits(out.hidden), s.cache.lengths[:, None] + 1, s.rows)
   nxt = jnp.argmax(target, axis=-1)[:, 0].astype(jnp.int32)
   ones = jnp.ones_like(nxt)
-  return Step(nxt[:, None], ones, cache.advance(ones), nxt, hidden[:, 0], s.draft, None)
+  draft = s.draft if out.taps is None else drafter.observe(params, model, s.draft, out.taps[:, 0], s.history, done)
+  return Step(nxt[:, None], ones, out.cache.advance(ones), nxt, out.hidden[:, 0], draft, None)
 
 
 def _tree_step(model, drafter, params, s: Slots, done) -> Step:
@@ -169,7 +172,8 @@ def run_chunk(state: nnx.State, params, slots: Slots, eos_ids: jax.Array, *, gra
   def body(_, carry):
     s, out = carry
     done = out.done
-    step = _plain_step(model, s) if tree is None else _tree_step(model, drafter, params, s, done)
+    step = (_plain_step(model, drafter, params, s, done) if tree is None
+            else _tree_step(model, drafter, params, s, done))
     cache = dataclasses.replace(step.cache, lengths=jnp.where(done, s.cache.lengths, step.cache.lengths))
     keep = done[:, None]
     s = dataclasses.replace(s, cache=cache, root=jnp.where(done, s.root, step.root),
