@@ -96,8 +96,10 @@ def load_heads(engine: Engine, path: str, *, tree=None, draft_vocab: int = _DRAF
   from medusa_jax.medusa.tree import default_tree
 
   heads = read_heads(path, engine.model)
-  if isinstance(heads, EagleHead):
-    return engine.with_heads(heads, tree=tree, draft_vocab=read_draft_ids(path, None))
+  if isinstance(heads, EagleHead):  # a training run over the whole vocabulary lists no ids
+    ids = read_draft_ids(path, None)
+    return engine.with_heads(heads, tree=tree, draft_vocab=list(range(heads.config.draft_vocab_size))
+                             if ids is None else ids)
   lookup = 0
   if tree is None:
     shipped = default_tree(path, heads.config.num_heads)

@@ -49,20 +49,26 @@ def _metrics(path, split="train"):
 
 
 def test_eagle_drafter_trains_and_reloads(tmp_path):
-  """An EAGLE drafter's training-time-test loss falls at every step j, and the run directory reads
-  back as the drafter of its last checkpoint, over the run's drafting vocabulary."""
+  """An EAGLE drafter learns the target's distribution at every training-time-test step j (its
+  top-1 agreement with the target rises; the random tiny model's near-uniform distribution keeps
+  the loss near its entropy), and the run directory reads back as the drafter of its last
+  checkpoint, over the run's drafting vocabulary."""
   from medusa_jax.formats.layout import read_draft_ids, read_heads
   from medusa_jax.medusa.eagle import EagleHead
 
-  cfg = _config(tmp_path, "heads.head_type=eagle", "heads.draft_vocab=200", "max_steps=30", "eval_every=0")
+  cfg = _config(tmp_path, "heads.head_type=eagle", "max_steps=40", "eval_every=0", "log_every=5")
   train(cfg, progress=False)
-  first, last = _metrics(tmp_path)[0], _metrics(tmp_path)[-1]
-  assert len(last["head_loss"]) == 3
-  assert all(b < 0.95 * a for a, b in zip(first["head_loss"], last["head_loss"])), (first, last)
+  logs = _metrics(tmp_path)
+  first, last = (np.mean([r["top1"] for r in part], axis=0) for part in (logs[:2], logs[-2:]))
+  assert len(first) == 3 and (last > first + 0.05).all(), (first, last)
   model = random_model(preset("tiny"), seed=0)
   head = read_heads(str(tmp_path), model)
-  ids = read_draft_ids(str(tmp_path), None)  # the answers' distinct tokens (fewer than 200 here)
-  assert isinstance(head, EagleHead) and head.config.draft_vocab_size == len(ids) <= 200
+  assert isinstance(head, EagleHead) and head.config.draft_vocab_size == 512  # the whole vocabulary
+  assert read_draft_ids(str(tmp_path), None) is None
+  import medusa_jax
+
+  engine = medusa_jax.load("random:tiny", heads=str(tmp_path))
+  assert engine.plan(mode="medusa").drafter.tree.size == head.config.budget
 
 
 def test_loss_falls_on_tiny(tmp_path):

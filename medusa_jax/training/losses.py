@@ -11,9 +11,11 @@ distribution (`medusa2.lm_loss: kl`, for self-distilled data) or the next-token 
 backbone has its own learning rate.
 
 EAGLE (`heads.head_type: eagle`): the drafter's training-time test (`medusa/eagle.ttt_outputs`,
-`heads.ttt_steps` K) over sequences; step j at position t predicts x_{t+2} over the drafting
-vocabulary, counted where t >= j (the chain needs a real entry at t - j) and x_{t+2} is an
-assistant token; loss = sum_j decay**j * CE_j. Metrics report step j as "head" j.
+`heads.ttt_steps` K) over sequences; step j at position t learns the target's own distribution
+over the drafting vocabulary at t + 1 (which predicts x_{t+2}; as EAGLE-3 does), at every position
+of the conversation (prompt and answer) where t >= j (the chain needs a real entry at t - j);
+loss = sum_j decay**j * CE_j. Metrics report step j as "head" j, top-1/top-5 of the target's
+most likely token.
 
 Memory: vocab projections and their losses run over chunks of positions inside a rematerialised
 scan, so float32 logits `[batch, seq, vocab]` are never held for all heads (or even one) at once.
@@ -29,7 +31,7 @@ import numpy as np
 
 from medusa_jax.medusa.draft_vocab import DraftVocab
 from medusa_jax.medusa.eagle import EagleHead, ttt_outputs
-from medusa_jax.medusa.heads import MedusaHeads, head_targets
+from medusa_jax.medusa.heads import MedusaHeads, head_targets, shift_left
 from medusa_jax.model.llama import Llama
 from medusa_jax.training.batches import PositionBatch
 
@@ -117,30 +119,44 @@ def heads_loss(heads: MedusaHeads, base: Llama, positions: PositionBatch, decay:
                      jnp.stack(scored_counts))
 
 
-def eagle_loss(head: EagleHead, base: Llama, taps: jax.Array, tokens: jax.Array, mask: jax.Array,
-               steps: int, decay: float, chunk: int, draft_ids: np.ndarray | None) -> StepMetrics:
+def _distill_sums(logits: jax.Array, teacher_logits: jax.Array, valid: jax.Array):
+  """Summed CE against the teacher's distribution, top-1 and top-5 hits of the teacher's argmax,
+  over valid positions. logits/teacher_logits `[n, V]`, valid `[n]`."""
+  p = jax.nn.softmax(teacher_logits, axis=-1)
+  ce = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(p * logits, axis=-1)
+  best = jnp.argmax(teacher_logits, axis=-1)
+  rank = jnp.sum(logits > jnp.take_along_axis(logits, best[:, None], axis=-1), axis=-1)
+  v = valid.astype(jnp.float32)
+  return jnp.sum(ce * v), jnp.sum((rank < 1) * v), jnp.sum((rank < 5) * v)
+
+
+def eagle_loss(head: EagleHead, base: Llama, taps: jax.Array, hidden: jax.Array, tokens: jax.Array,
+               mask: jax.Array, steps: int, decay: float, chunk: int,
+               draft_ids: np.ndarray | None) -> StepMetrics:
   """The EAGLE drafter's loss (module docstring) on sequences: the target's taps
-  `[b, seq, len(taps) * embed]`, tokens and assistant mask `[b, seq]`; `draft_ids` its `lm_head`'s
-  token ids (None: the whole vocabulary)."""
+  `[b, seq, len(taps) * embed]` and final hidden states `[b, seq, embed]` (its distribution over
+  the drafting vocabulary `draft_ids`, None: the whole vocabulary, is the teacher), tokens and
+  assistant mask `[b, seq]`. Every position of a conversation up to its last answer token counts:
+  the target's distribution is what the drafter learns there, prompt or answer."""
   outs = ttt_outputs(head, base, taps, tokens, steps)  # [K, b, seq, e]
-  targets, valid = (x[..., 0] for x in head_targets(tokens, mask, 1))
-  vocab = base.config.vocab_size
-  ids = np.arange(vocab) if draft_ids is None else draft_ids
-  cols, present = DraftVocab(jnp.asarray(ids, jnp.int32), None).index(targets, vocab)
+  ids = np.arange(base.config.vocab_size) if draft_ids is None else draft_ids
+  draft = DraftVocab.build(base, None, ids)
   e = outs.shape[-1]
-  ces, top1s, top5s, counts, scored_counts = [], [], [], [], []
+  teacher = shift_left(hidden, 1).reshape(-1, e)  # at t: the target at t + 1, predicting x_{t+2}
+  in_conversation = jnp.flip(jnp.cumsum(jnp.flip(mask, 1), axis=1), 1) > 0  # through the last answer token
+  predicted = shift_left(in_conversation, 2)
+  ces, top1s, top5s, counts = [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for j in range(steps):
-    counted = valid & (jnp.arange(tokens.shape[1]) >= j)[None, :]
-    scored = counted & present
-    xs = (outs[j].reshape(-1, e), cols.reshape(-1), scored.reshape(-1))
-    ce, top1, top5 = _chunked_sum(lambda f, t, v: _ce_sums(head.logits(f), t, v), xs, chunk)
-    count, scored_count = (jnp.sum(x).astype(jnp.float32) for x in (counted, scored))
-    loss = loss + (decay ** j) * ce / jnp.maximum(scored_count, 1.0)
+    counted = (predicted & (jnp.arange(tokens.shape[1]) >= j)[None, :]).reshape(-1)
+    xs = (outs[j].reshape(-1, e), teacher, counted)
+    ce, top1, top5 = _chunked_sum(lambda f, th, v: _distill_sums(head.logits(f), draft.project(0, th), v),
+                                  xs, chunk)
+    count = jnp.sum(counted).astype(jnp.float32)
+    loss = loss + (decay ** j) * ce / jnp.maximum(count, 1.0)
     ces.append(ce); top1s.append(top1); top5s.append(top5); counts.append(count)
-    scored_counts.append(scored_count)
-  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), jnp.stack(counts),
-                     jnp.stack(scored_counts))
+  counts = jnp.stack(counts)
+  return StepMetrics(loss, jnp.stack(ces), jnp.stack(top1s), jnp.stack(top5s), counts, counts)
 
 
 def lm_loss(model: Llama, teacher: Llama, hidden: jax.Array, teacher_hidden: jax.Array | None,

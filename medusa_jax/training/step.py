@@ -41,8 +41,8 @@ def make_train_step(heads_graphdef, base_graphdef, optimizer, cfg: TrainConfig,
     heads = nnx.merge(heads_graphdef, params["heads"])
     frozen = nnx.merge(base_graphdef, base_state)
     if isinstance(heads, EagleHead):
-      taps = jax.lax.stop_gradient(backbone_taps(frozen, batch.tokens, heads.config.taps))
-      metrics = eagle_loss(heads, frozen, taps, batch.tokens, batch.mask, h.ttt_steps, h.decay,
+      taps, hidden = jax.lax.stop_gradient(backbone_taps(frozen, batch.tokens, heads.config.taps))
+      metrics = eagle_loss(heads, frozen, taps, hidden, batch.tokens, batch.mask, h.ttt_steps, h.decay,
                            cfg.optim.vocab_chunk, draft_ids)
       return metrics.loss, metrics
     if "backbone" not in params:  # Medusa-1

@@ -20,11 +20,13 @@ def backbone_hidden(base: Llama, tokens: jax.Array) -> jax.Array:
   return base.hidden_states(tokens, positions)[0]
 
 
-def backbone_taps(base: Llama, tokens: jax.Array, taps: tuple[int, ...]) -> jax.Array:
+def backbone_taps(base: Llama, tokens: jax.Array, taps: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """The inputs of the backbone's layers `taps`, concatenated `[batch, seq, len(taps) * embed]`
-  (an EAGLE drafter's features), for `[batch, seq]` tokens."""
+  (an EAGLE drafter's features), and its final-norm hidden states `[batch, seq, embed]`, for
+  `[batch, seq]` tokens."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  return base.forward(tokens, positions, taps=taps).taps
+  out = base.forward(tokens, positions, taps=taps)
+  return out.taps, out.hidden
 
 
 
