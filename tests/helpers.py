@@ -119,6 +119,31 @@ def permutation_model(seed=0, vocab=64):
   return model, sigma
 
 
+def permutation_chain(sigma, start: int, n: int) -> list[int]:
+  """The `n` tokens the permutation model emits after `start`: sigma(start), sigma(sigma(start)), ..."""
+  out, t = [], int(start)
+  for _ in range(n):
+    t = int(sigma[t])
+    out.append(t)
+  return out
+
+
+def check_oracle_fills_every_step(engine, sigma, depth: int, **drafting) -> None:
+  """`engine` (the permutation model with an always-right drafter, `drafting` its settings) emits
+  the permutation's chain in steps of `depth` + 1 tokens, greedy, lossless sampling and typical
+  acceptance alike."""
+  import jax.numpy as jnp
+
+  engine.eos_ids = jnp.asarray([-1], jnp.int32)
+  prompts = [[int(t) % 64 for t in p] for p in random_prompts(7, [6, 13])]
+  n = 41
+  for settings in (dict(), dict(temperature=0.5), dict(temperature=0.5, acceptance="typical")):
+    tokens, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, mode="medusa", **drafting, **settings)
+    for p, row in zip(prompts, tokens):
+      assert list(row) == permutation_chain(sigma, p[-1], n)
+    assert (steps == 1 + -(-(n - 1) // (depth + 1))).all(), (settings, steps)
+
+
 def oracle_heads(model, sigma, num_heads):
   """Heads whose top-1 guess is always right: head k maps token x to sigma^(k+2)(x)."""
   import jax.numpy as jnp

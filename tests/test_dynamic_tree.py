@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+  check_oracle_fills_every_step,
   oracle_heads,
   oracle_hydra_heads,
   permutation_model,
@@ -104,19 +105,7 @@ def test_oracle_heads_fill_every_step(head_type):
   model, sigma = permutation_model()
   heads = oracle_heads(model, sigma, 4) if head_type == "medusa" else oracle_hydra_heads(model, 4)
   engine = Engine(model, ByteTokenizer(), heads=heads, max_cache_len=512)
-  engine.eos_ids = jnp.asarray([-1], jnp.int32)
-  prompts = [[int(t) % 64 for t in p] for p in random_prompts(7, [6, 13])]
-  n, depth = 41, 3
-  for settings in (dict(), dict(temperature=0.5), dict(temperature=0.5, acceptance="typical")):
-    tokens, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, mode="medusa", draft_beams=3,
-                                                   draft_depth=depth, **settings)
-    for p, row in zip(prompts, tokens):
-      expected, t = [], p[-1]
-      for _ in range(n):
-        t = int(sigma[t])
-        expected.append(t)
-      assert list(row) == expected
-    assert (steps == 1 + -(-(n - 1) // (depth + 1))).all(), (settings, steps)
+  check_oracle_fills_every_step(engine, sigma, 3, draft_beams=3, draft_depth=3)
 
 
 def test_bad_beam_drafting_settings_are_one_line_errors():

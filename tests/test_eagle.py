@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import (
+  check_oracle_fills_every_step,
   decode_in_chunks,
   oracle_eagle,
+  permutation_chain,
   permutation_model,
   random_eagle,
   random_prompts,
@@ -121,18 +123,7 @@ def test_an_always_right_drafter_fills_every_step():
   model, sigma = permutation_model()
   head = oracle_eagle(model, sigma, jnp.eye(64)[sigma], width=2, depth=4, budget=6)
   engine = Engine(model, ByteTokenizer(), heads=head, draft_vocab=np.arange(64), max_cache_len=512)
-  engine.eos_ids = jnp.asarray([-1], jnp.int32)
-  prompts = [[int(t) % 64 for t in p] for p in random_prompts(7, [6, 13])]
-  n, depth = 41, 4
-  for settings in (dict(), dict(temperature=0.5), dict(temperature=0.5, acceptance="typical")):
-    tokens, counts, steps, _ = engine.generate_ids(prompts, max_new_tokens=n, mode="medusa", **settings)
-    for p, row in zip(prompts, tokens):
-      expected, t = [], p[-1]
-      for _ in range(n):
-        t = int(sigma[t])
-        expected.append(t)
-      assert list(row) == expected
-    assert (steps == 1 + -(-(n - 1) // (depth + 1))).all(), (settings, steps)
+  check_oracle_fills_every_step(engine, sigma, 4)
 
 
 def test_bad_settings_are_one_line_errors(tiny):
@@ -235,11 +226,7 @@ def test_server_chunks_keep_the_drafter_through_plain_chunks(tiny, pattern):
   prompts = [[int(t) % 64 for t in p] for p in prompts]
   out, _, drafted = decode_in_chunks(engine, prompts, "medusa", pattern=pattern)
   for p, row in zip(prompts, out):
-    expected, t = [], p[-1]
-    for _ in range(48):
-      t = int(sigma[t])
-      expected.append(t)
-    assert row == expected
+    assert row == permutation_chain(sigma, p[-1], 48)
   for counts, left in drafted:  # 2 steps of depth + 1 tokens, or what is left of the budget
     np.testing.assert_array_equal(counts, np.minimum(2 * (depth + 1), np.maximum(left, 0)))
 

@@ -86,9 +86,9 @@ def _layer_config(model: Llama) -> dict:
 
 
 def write(path: str, head: EagleHead, ids: np.ndarray, model: Llama, *, base_model: str,
-          layout: str = "eagle3", force: bool = False) -> None:
+          layout: str = "eagle3", dtype: str = "float32", force: bool = False) -> None:
   """Writes the drafter `head` (its `lm_head` columns are the token ids `ids`) for `model` in
-  `layout` ("eagle3" or "speculators"), atomically."""
+  `layout` ("eagle3" or "speculators"), its weights in `dtype` (float32, float16), atomically."""
   from safetensors.numpy import save_file
 
   if layout not in LAYOUTS:
@@ -96,7 +96,7 @@ def write(path: str, head: EagleHead, ids: np.ndarray, model: Llama, *, base_mod
   c = head.config
   ids = np.asarray(ids, np.int64)
   order = np.argsort(ids, kind="stable")  # both layouts list draft ids ascending
-  tensors = _tensors(head, LAYOUTS[layout])
+  tensors = {k: v.astype(dtype) for k, v in _tensors(head, LAYOUTS[layout]).items()}
   tensors["lm_head.weight"] = tensors["lm_head.weight"][order]
   tensors["d2t"] = ids[order] - np.arange(len(ids))
   t2d = np.zeros(model.config.vocab_size, bool)
@@ -109,10 +109,10 @@ def write(path: str, head: EagleHead, ids: np.ndarray, model: Llama, *, base_mod
               "base_model_name_or_path": base_model, "draft_vocab_size": len(ids),
               "target_hidden_size": model.config.hidden_size, "eagle_aux_hidden_state_layer_ids": taps,
               "eagle_config": {"eagle_aux_hidden_state_layer_ids": taps, "use_aux_hidden_state": True},
-              "medusa_jax": tree}
+              "torch_dtype": dtype, "medusa_jax": tree}
   else:
     config = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
-              "transformer_layer_config": _layer_config(model), "draft_vocab_size": len(ids),
+              "transformer_layer_config": {**_layer_config(model), "torch_dtype": dtype}, "draft_vocab_size": len(ids),
               "norm_before_residual": False, "target_hidden_size": model.config.hidden_size,
               "eagle_aux_hidden_state_layer_ids": taps,
               "speculators_config": {
