@@ -128,7 +128,7 @@ def test_cache_after_step_equals_plain_forward():
   @jax.jit
   def run(tokens, lens, top):
     cache = KVCache.init(model.config, 2, p_len + tree.size)  # room for the prompt and the tree
-    _, _, cache = prefill(model, tokens, lens, cache)
+    cache = prefill(model, tokens, lens, cache).cache
     flat = jnp.concatenate([jnp.asarray(greedy[:, :1]), top.reshape(2, -1)], axis=1)
     tree_tokens = flat[:, tree.candidate_index]  # node (d, r): rank r of head d - 1
     fwd = tree_forward(model, cache, tree_tokens, tree.arrays(2))

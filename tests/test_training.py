@@ -529,7 +529,9 @@ def test_eight_simulated_devices_match_one(tmp_path, method):
     (["model.spec="], "'model.spec' must not be empty"),
     (["optim.nope=1"], "unknown config key 'optim.nope'"),
     (["heads=3"], "config key 'heads' needs a mapping"),
-    (["heads.head_type=eagle"], "'heads.head_type' must be one of medusa, hydra"),
+    (["heads.head_type=lstm"], "'heads.head_type' must be one of medusa, hydra, eagle"),
+    (["heads.head_type=eagle", "heads.ttt_steps=0"], "'heads.ttt_steps' must be at least 1"),
+    (["heads.head_type=eagle", "cache.hidden=true"], "an eagle drafter trains with method medusa1 on sequences"),
     (["output_dir=3"], "'output_dir' needs a string, got 3"),
     (["data=5"], "'data' needs a path or a list of paths"),
 ])

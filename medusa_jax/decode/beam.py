@@ -172,7 +172,7 @@ def beam_generate(state: nnx.State, tokens: jax.Array, prompt_lens: jax.Array, e
   be at least P + max_new_tokens."""
   model = nnx.merge(graphdef, state)
   batch, w = tokens.shape[0], params.num_beams
-  logits, _, cache = _start(model, tokens, prompt_lens, w, cache_len, cache_dtype, mesh)
+  logits, _, cache, _ = _start(model, tokens, prompt_lens, w, cache_len, cache_dtype, mesh)
 
   def body(c: _Carry) -> _Carry:
     s, source, token = beam_step(c.state, c.logits, eos_ids, params, max_new_tokens)
@@ -218,7 +218,7 @@ def speculative_beam_generate(state: nnx.State, draft_params, tokens: jax.Array,
   least P + max_new_tokens + drafter.tree.size."""
   model = nnx.merge(graphdef, state)
   batch, w, tree = tokens.shape[0], params.num_beams, drafter.tree
-  logits, hidden, cache = _start(model, tokens, prompt_lens, w, cache_len, cache_dtype, mesh)
+  logits, hidden, cache, _ = _start(model, tokens, prompt_lens, w, cache_len, cache_dtype, mesh)
   s, source, token = beam_step(BeamState.init(batch, w, max_new_tokens, pad_id), logits, eos_ids, params,
                                max_new_tokens)
   rows = _rows(source)
