@@ -236,8 +236,8 @@ def _check(config: TrainConfig) -> None:
   if config.cache.hidden and config.method != "medusa1":
     raise MedusaError("cache_hidden needs method medusa1 (a frozen backbone)")
   if heads.head_type == "eagle":
-    if config.method != "medusa1" or config.cache.hidden or heads.teacher_top_k or heads.init:
-      raise MedusaError("an eagle drafter trains with method medusa1 on sequences (no cache.hidden, "
-                        "teacher_top_k or heads.init)")
+    if config.method != "medusa1" or config.cache.hidden or heads.teacher_top_k:
+      raise MedusaError("an eagle drafter trains with method medusa1 on sequences (no cache.hidden or "
+                        "teacher_top_k)")
     if heads.ttt_steps < 1:
       raise MedusaError(f"config key 'heads.ttt_steps' must be at least 1, got {heads.ttt_steps}")

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from medusa_jax.cache import enable_compilation_cache
 from medusa_jax.errors import MedusaError
 from medusa_jax.medusa import draft_vocab
+from medusa_jax.medusa.eagle import EagleHead
 from medusa_jax.medusa.heads import MedusaHeads
 from medusa_jax.model.sharding import (
   committed_shardings,
@@ -105,7 +106,13 @@ def setup(cfg: TrainConfig, init_heads: MedusaHeads | None = None) -> TrainSetup
       raise MedusaError("draft_vocab needs training data (its answers' tokens): set data=FILE")
     draft_ids = draft_vocab.rank_by_frequency([data[0].tokens[data[0].mask]])[0][: cfg.heads.draft_vocab]
   heads = checkpoints.fresh_heads(cfg, loaded.model, draft_ids)
-  if init_heads is not None:
+  if init_heads is not None and (isinstance(init_heads, EagleHead) != isinstance(heads, EagleHead) or (
+      isinstance(heads, EagleHead) and init_heads.config != heads.config)):
+    raise MedusaError(f"init_heads ({init_heads.config}) cannot start {heads.config}: an EAGLE drafter "
+                      "starts from one of the same taps and drafting vocabulary, heads from heads")
+  if isinstance(heads, EagleHead) and init_heads is not None:
+    nnx.update(heads, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(init_heads)))
+  elif init_heads is not None:
     c, w = init_heads.config, heads.config
     # Medusa heads can start Hydra ones: Hydra's input layers start as [I; 0; 0], so the Hydra heads
     # start as exactly those Medusa heads.

@@ -12,8 +12,8 @@ backbone has its own learning rate.
 
 EAGLE (`heads.head_type: eagle`): the drafter's training-time test (`medusa/eagle.ttt_outputs`,
 `heads.ttt_steps` K) over sequences; step j at position t learns the target's own distribution
-over the drafting vocabulary at t + 1 (which predicts x_{t+2}; as EAGLE-3 does), at every position
-of the conversation (prompt and answer) where t >= j (the chain needs a real entry at t - j);
+over the drafting vocabulary at t + 1 (which predicts x_{t+2}; as EAGLE-3 does), where x_{t+2} is
+an answer token and t >= j (the chain needs a real entry at t - j);
 loss = sum_j decay**j * CE_j. Metrics report step j as "head" j, top-1/top-5 of the target's
 most likely token.
 
@@ -136,15 +136,14 @@ def eagle_loss(head: EagleHead, base: Llama, taps: jax.Array, hidden: jax.Array,
   """The EAGLE drafter's loss (module docstring) on sequences: the target's taps
   `[b, seq, len(taps) * embed]` and final hidden states `[b, seq, embed]` (its distribution over
   the drafting vocabulary `draft_ids`, None: the whole vocabulary, is the teacher), tokens and
-  assistant mask `[b, seq]`. Every position of a conversation up to its last answer token counts:
-  the target's distribution is what the drafter learns there, prompt or answer."""
+  assistant mask `[b, seq]`: positions whose x_{t+2} is an answer token count (a prompt's text,
+  its template and system prompt above all, is not what the drafter drafts)."""
   outs = ttt_outputs(head, base, taps, tokens, steps)  # [K, b, seq, e]
   ids = np.arange(base.config.vocab_size) if draft_ids is None else draft_ids
   draft = DraftVocab.build(base, None, ids)
   e = outs.shape[-1]
   teacher = shift_left(hidden, 1).reshape(-1, e)  # at t: the target at t + 1, predicting x_{t+2}
-  in_conversation = jnp.flip(jnp.cumsum(jnp.flip(mask, 1), axis=1), 1) > 0  # through the last answer token
-  predicted = shift_left(in_conversation, 2)
+  predicted = shift_left(mask, 2)
   ces, top1s, top5s, counts = [], [], [], []
   loss = jnp.zeros((), jnp.float32)
   for j in range(steps):
