@@ -22,12 +22,12 @@ from medusa_jax.weights import hf
 
 
 def detect(path: str) -> str:
-  """"orbax", "eagle", "vllm" or "medusa" (the last also for a directory that is none of them:
+  """"eagle", "orbax", "vllm" or "medusa" (the last also for a directory that is none of them:
   its reader names what is missing)."""
+  if eagle.holds(path):  # its config.json says so (beside it may lie its run's train_config.json)
+    return "eagle"
   if orbax_run.holds(path):
     return "orbax"
-  if eagle.holds(path):
-    return "eagle"
   return "vllm" if vllm.holds(path) else "medusa"
 
 
